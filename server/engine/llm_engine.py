@@ -1,0 +1,108 @@
+"""The synchronous engine: scheduler + model runner + detokenizers, one ``step()`` at a time.
+
+Used directly by the benchmark harness and, inside one background thread, by ``AsyncEngine``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.outputs import RequestOutput, StepStats
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+
+
+class RequestTooLong(ValueError):
+    """The prompt plus requested tokens do not fit the context window or the KV pool."""
+
+
+class LLMEngine:
+    def __init__(self, scheduler: Scheduler, runner, tokenizer, max_model_len: int,
+                 eos_token_ids: tuple[int, ...]):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.detok: dict[str, IncrementalDetokenizer] = {}
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``RequestTooLong`` unless prompt + max_tokens fits (thread-safe: reads config only)."""
+        limit = min(self.max_model_len, self.scheduler.kv.capacity_tokens)
+        if num_prompt_tokens + max_tokens > limit:
+            raise RequestTooLong(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        self.check_length(len(prompt_token_ids), params.max_tokens)
+        req = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        self.scheduler.add(req)
+        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        return self._finish_output(req, [], "")
+
+    def step(self) -> tuple[list[RequestOutput], StepStats]:
+        start = time.monotonic()
+        sched = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        prompt_tokens = gen_tokens = 0
+        stats_ttft, stats_itl, stats_e2e = [], [], []
+        if not sched.empty:
+            result = self.runner.execute(sched)
+            now = time.monotonic()
+            for s in sched.scheduled:
+                req = s.request
+                if s.is_prefill:
+                    prompt_tokens += s.num_new_tokens
+                tokens = self.scheduler.commit(req, result.new_tokens[req.request_id])
+                gen_tokens += len(tokens)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                    stats_ttft.append(now - req.arrival_time)
+                    if len(tokens) > 1:
+                        stats_itl.extend([0.0] * (len(tokens) - 1))
+                else:
+                    stats_itl.extend([(now - req.last_token_time) / len(tokens)] * len(tokens))
+                req.last_token_time = now
+                detok = self.detok[req.request_id]
+                text = detok.add(tokens, final=req.finish_reason is not None)
+                if detok.stopped:
+                    req.finish_reason = "stop"
+                if req.finish_reason is not None:
+                    self.scheduler.finish(req, req.finish_reason)
+                    stats_e2e.append(now - req.arrival_time)
+                    outputs.append(self._finish_output(req, tokens, text))
+                else:
+                    outputs.append(self._output(req, tokens, text))
+        stats = StepStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
+            num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
+            ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e)
+        return outputs, stats
+
+    def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, text=text, token_ids=tokens, finished=req.finished,
+            finish_reason=req.finish_reason if req.finished else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            verify_steps=req.spec.verify_steps, drafted_tokens=req.spec.drafted_tokens,
+            accepted_tokens=req.spec.accepted_tokens)
+
+    def _finish_output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:
+        detok = self.detok.pop(req.request_id)
+        self.runner.release(req.request_id)
+        return self._output(req, tokens, text + detok.flush())

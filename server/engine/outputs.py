@@ -1,0 +1,41 @@
+"""What the engine hands back per request per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str                      # new text since the last output
+    token_ids: list[int]           # new tokens since the last output
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        steps = self.verify_steps
+        return (self.accepted_tokens + steps) / steps if steps else 0.0
+
+
+@dataclass
+class StepStats:
+    """One engine step, for the metrics exporter."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    step_time: float
+    ttft: list[float] = field(default_factory=list)          # seconds, requests that got a first token
+    inter_token: list[float] = field(default_factory=list)   # seconds per token, later tokens
+    e2e: list[float] = field(default_factory=list)           # seconds, requests that finished
+    finished_reasons: list[str] = field(default_factory=list)

@@ -1,0 +1,125 @@
+"""Continuous-batching scheduler (torch-free): admission, lookahead slots, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.cache.kv_manager import KVManager
+from server.engine.request import Request, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 8192
+    num_lookahead_slots: int = 0  # KV slots reserved per running request for draft-tree tokens
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int       # tokens fed this step: the uncomputed prefix (prefill) or the last token
+    num_lookahead: int        # extra KV slots reserved after them for draft tokens
+    is_prefill: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        lookahead = self.config.num_lookahead_slots
+        budget = self.config.max_num_batched_tokens
+        kept: list[Request] = []
+        queue = list(self.running)
+        while queue:
+            req = queue.pop(0)
+            need = len(req.token_ids) + lookahead
+            while not self.kv.can_allocate(req.request_id, need):
+                victim = queue.pop() if queue else req
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                self.kv.allocate(req.request_id, need)
+                kept.append(req)
+                n = len(req.token_ids) - req.num_computed_tokens
+                out.scheduled.append(ScheduledRequest(req, n, lookahead, is_prefill=False))
+                budget -= n + lookahead
+        self.running = kept
+        if out.preempted:
+            return out
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = len(req.token_ids)
+            if (n > budget and self.running) or not self.kv.can_allocate(req.request_id, n):
+                break
+            self.waiting.popleft()
+            self.kv.allocate(req.request_id, n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, 0, is_prefill=True))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        """Drop the request's KV; it re-enters the queue front and is recomputed from its tokens."""
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+
+    def commit(self, req: Request, new_tokens: list[int]) -> list[int]:
+        """Record a step's tokens (accepted drafts + bonus); returns those kept before any stop."""
+        req.num_computed_tokens = len(req.token_ids) + len(new_tokens) - 1
+        kept: list[int] = []
+        for tok in new_tokens:
+            kept.append(tok)
+            reason = req.append_token(tok)
+            if reason:
+                req.finish_reason = reason
+                break
+        self.kv.trim(req.request_id, req.num_computed_tokens)
+        return kept
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End a request (stop condition, abort or error) and free its KV blocks."""
+        req.finish_reason = req.finish_reason or reason
+        req.status = Status.FINISHED
+        self.kv.free(req.request_id)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, "abort")
+        return req

