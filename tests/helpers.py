@@ -43,3 +43,60 @@ def native_from(cfg: dict, state_dict: dict):
 def make_kv(cfg, num_blocks: int, block_size: int):
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
     return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+
+
+class ByteTokenizer:
+    """Token id = byte value (ids >= 256 are special): enough to test detokenization and the engine."""
+
+    eos_token_id = None
+
+    def __len__(self) -> int:
+        return 260
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+
+def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
+                max_model_len: int = 256, eos: tuple[int, ...] = ()):
+    """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``)."""
+    from server.cache.block_pool import BlockPool
+    from server.cache.kv_manager import KVManager
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.scheduler import Scheduler, SchedulerConfig
+    from server.worker.model_runner import ModelRunner
+
+    if model is None:
+        model = native_from(tiny_hf_config(), hf_model_from(tiny_hf_config()).state_dict())
+    kv = KVManager(BlockPool(num_blocks, block_size))
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len), kv)
+    return LLMEngine(scheduler, ModelRunner(model, kv), ByteTokenizer(), max_model_len, eos)
+
+
+@torch.inference_mode()
+def reference_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] = ()) -> list[int]:
+    """Plain greedy decoding by full forwards of a transformers model (no cache): the ground truth."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(hf_model(torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+def run_to_completion(engine, requests: dict[str, tuple[list[int], object]]) -> dict[str, list[int]]:
+    """Add all requests, step until idle, return generated token ids per request id."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    got: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        outputs, _ = engine.step()
+        for o in outputs:
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+    return got

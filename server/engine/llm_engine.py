@@ -59,7 +59,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         prompt_tokens = gen_tokens = 0
-        stats_ttft, stats_itl, stats_e2e = [], [], []
+        stats_ttft, stats_itl, stats_e2e, reasons = [], [], [], []
         if not sched.empty:
             result = self.runner.execute(sched)
             now = time.monotonic()
@@ -84,6 +84,7 @@ class LLMEngine:
                 if req.finish_reason is not None:
                     self.scheduler.finish(req, req.finish_reason)
                     stats_e2e.append(now - req.arrival_time)
+                    reasons.append(req.finish_reason)
                     outputs.append(self._finish_output(req, tokens, text))
                 else:
                     outputs.append(self._output(req, tokens, text))
@@ -91,7 +92,7 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
-            ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e)
+            ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons)
         return outputs, stats
 
     def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:

@@ -1,0 +1,138 @@
+"""``treespec bench``: run a Spec-Bench-format file through the engine (and baselines) and write JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.questions import load_questions
+from bench.report import accepted_length_histogram, method_results, plot
+from bench.runner import run_engine, run_hf
+from server.config import ServerConfig, add_config_flags
+
+DRAFTERS = ("none",)
+
+
+def add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser)
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--questions", default="../shared/data/mt_bench.jsonl", help="Spec-Bench-format JSONL file")
+    g.add_argument("--limit", type=int, default=None, help="first N questions (after category filter)")
+    g.add_argument("--categories", nargs="*", default=None, help="only these categories")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    g.add_argument("--drafter", default="none", choices=DRAFTERS, help="speculative drafter to benchmark")
+    g.add_argument("--baseline", action="store_true", help="also run plain decoding: speedup, identity")
+    g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate peer row")
+    g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
+    g.add_argument("--out", default="bench/results/bench.json", help="output JSON (a PNG is written beside it)")
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def build_prompts(engine, questions) -> list[tuple[object, str, list[int]]]:
+    tok = engine.tokenizer
+    out = []
+    for q in questions:
+        text = tok.apply_chat_template([{"role": "user", "content": q.turns[0]}], tokenize=False,
+                                       add_generation_prompt=True)
+        out.append((q.question_id, q.category, tok.encode(text, add_special_tokens=False)))
+    return out
+
+
+def hf_model(cfg: ServerConfig):
+    """The same weights in ``transformers`` (folders load as saved; GGUF via our loader)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from server.build import resolve_model_path
+    from server.models.loader import load_weights
+
+    dtype = getattr(torch, cfg.dtype)
+    path = resolve_model_path(cfg.model)
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    hf_cfg, state = load_weights(path)
+    rope = {"rope_type": "default", **(hf_cfg.get("rope_scaling") or {}), "rope_theta": hf_cfg["rope_theta"]}
+    keys = LlamaConfig().to_dict().keys() - {"rope_parameters", "rope_scaling", "rope_theta"}
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in hf_cfg.items() if k in keys}, rope_parameters=rope))
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
+    from server.build import build_engine
+
+    if args.concurrency < 1 or args.max_new_tokens < 1:
+        raise SystemExit("--concurrency and --max-new-tokens must be >= 1")
+    questions = load_questions(args.questions, args.limit, args.categories)
+    if not questions:
+        raise SystemExit(f"no questions selected from {args.questions}")
+    engine, name = build_engine(cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)}))
+    prompts = build_prompts(engine, questions)
+    warm = prompts[:1] * args.warmup
+    report: dict = {
+        "command": "treespec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {"model": name, "drafter": args.drafter, "questions": args.questions,
+                   "num_questions": len(prompts), "max_new_tokens": args.max_new_tokens,
+                   "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype},
+    }
+    baseline = None
+    if args.baseline or args.drafter == "none":
+        run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
+        baseline, base_wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, "plain decoding")
+    if args.drafter == "none":
+        rows, wall = baseline, base_wall
+    else:
+        raise SystemExit(f"drafter {args.drafter!r} is not available")
+    report["results"] = method_results(rows, wall, baseline if args.baseline else None)
+    if args.baseline:
+        report["baseline"] = method_results(baseline, base_wall, None)
+    report["accepted_length_histogram"] = accepted_length_histogram(rows)
+    if not args.no_hf:
+        model = hf_model(cfg)
+        run_hf(model, warm, args.max_new_tokens, list(engine.eos_token_ids), "HF warm-up")
+        hf_rows, hf_wall = run_hf(model, prompts, args.max_new_tokens, list(engine.eos_token_ids), "HF generate")
+        report["peer_hf_generate"] = method_results(hf_rows, hf_wall, None)
+        report["peer_hf_generate"]["note"] = "transformers generate, greedy, batch 1, same prompts, same run"
+        report["ratio_vs_hf_tokens_per_s"] = (report["results"]["overall"]["tokens_per_s"]
+                                              / report["peer_hf_generate"]["overall"]["tokens_per_s"])
+        report["identical_to_hf"] = all(a.token_ids == b.token_ids for a, b in zip(rows, hf_rows))
+    report["questions"] = [{"question_id": r.question_id, "category": r.category, "new_tokens": r.new_tokens,
+                            "wall_time": round(r.wall_time, 4), "verify_steps": r.verify_steps,
+                            "accepted_tokens": r.accepted_tokens} for r in rows]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print_summary(report, out)
+    return report
+
+
+def print_summary(report: dict, out: Path) -> None:
+    o = report["results"]["overall"]
+    line = f"{report['config']['drafter']}: {o['tokens_per_s']:.2f} tok/s/question, tau {o['tau']:.2f}"
+    if "aggregate_tokens_per_s" in o:
+        line += f", aggregate {o['aggregate_tokens_per_s']:.2f} tok/s"
+    if "speedup" in o:
+        line += f", speedup {o['speedup']:.2f}x, identical={o['identical_to_baseline']}"
+    if "ratio_vs_hf_tokens_per_s" in report:
+        line += f"; vs HF generate {report['ratio_vs_hf_tokens_per_s']:.2f}x (identical={report['identical_to_hf']})"
+    print(line)
+    print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,0 +1,83 @@
+"""Aggregate benchmark rows (Spec-Bench definitions) and draw the plots."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from bench.runner import Row
+
+
+def summarize(rows: list[Row], wall_time: float | None = None) -> dict:
+    """tokens_per_s = mean of per-question tokens/s; tau pooled over verify steps (1.0 without drafts)."""
+    steps = sum(r.verify_steps for r in rows)
+    out = {
+        "num_questions": len(rows),
+        "new_tokens": sum(r.new_tokens for r in rows),
+        "tokens_per_s": sum(r.tokens_per_s for r in rows) / len(rows) if rows else 0.0,
+        "tau": (sum(r.accepted_tokens for r in rows) + steps) / steps if steps else 1.0,
+    }
+    if wall_time:
+        out["wall_time_s"] = wall_time
+        out["aggregate_tokens_per_s"] = out["new_tokens"] / wall_time
+    return out
+
+
+def by_category(rows: list[Row]) -> dict[str, list[Row]]:
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[r.category].append(r)
+    return dict(sorted(groups.items()))
+
+
+def method_results(rows: list[Row], wall: float, baseline: list[Row] | None) -> dict:
+    """``{"overall": {...}, "per_category": {...}}`` with speedup/identity against a baseline if given."""
+    base_by_q = {r.question_id: r for r in baseline} if baseline else {}
+
+    def block(group: list[Row], wall_time: float | None = None) -> dict:
+        s = summarize(group, wall_time)
+        if baseline is not None:
+            base = [base_by_q[r.question_id] for r in group]
+            s["speedup"] = s["tokens_per_s"] / summarize(base)["tokens_per_s"]
+            s["identical_to_baseline"] = all(r.token_ids == b.token_ids for r, b in zip(group, base))
+        return s
+
+    return {"overall": block(rows, wall), "per_category": {c: block(g) for c, g in by_category(rows).items()}}
+
+
+def accepted_length_histogram(rows: list[Row]) -> dict[int, int]:
+    return dict(sorted(Counter(n for r in rows for n in r.accept_lengths).items()))
+
+
+def plot(report: dict, path: Path) -> None:
+    """Tokens/s and tau per category for every method in the report, plus accepted-length histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {name: report[key] for name, key in (("method", "results"), ("baseline", "baseline"),
+                                                   ("HF generate", "peer_hf_generate")) if report.get(key)}
+    cats = list(report["results"]["per_category"])
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    width = 0.8 / max(1, len(methods))
+    for i, (name, res) in enumerate(methods.items()):
+        xs = [j + i * width for j in range(len(cats))]
+        axes[0].bar(xs, [res["per_category"][c]["tokens_per_s"] for c in cats], width, label=name)
+    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
+    axes[0].set_ylabel("tokens/s (mean per question)")
+    axes[0].set_title(f"Throughput, drafter={report['config']['drafter']}, "
+                      f"concurrency={report['config']['concurrency']}")
+    axes[0].legend()
+    axes[1].bar(cats, [report["results"]["per_category"][c]["tau"] for c in cats], color="tab:green")
+    axes[1].set_ylabel("tau (mean accepted length)")
+    axes[1].set_title(f"tau by category (overall {report['results']['overall']['tau']:.2f})")
+    axes[1].tick_params(axis="x", rotation=30)
+    hist = report.get("accepted_length_histogram") or {}
+    axes[2].bar([int(k) for k in hist], list(hist.values()), color="tab:purple")
+    axes[2].set_xlabel("tokens committed per step")
+    axes[2].set_ylabel("steps")
+    axes[2].set_title("Accepted length per verify step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

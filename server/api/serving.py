@@ -1,0 +1,118 @@
+"""Shared request handling: prompt rendering, validation into engine jobs, fan-in of n choices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.api.protocol import ChatMessage, SamplingRequest
+from server.engine.async_engine import AsyncEngine
+from server.engine.llm_engine import RequestTooLong
+from server.engine.outputs import RequestOutput
+from server.engine.request import SamplingParams
+
+
+class APIError(Exception):
+    """A user-facing error rendered as an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+@dataclass
+class Job:
+    """One choice: a prompt and its sampling parameters."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class ServingState:
+    engine: AsyncEngine
+    model_name: str
+    tokenizer: object
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # template errors are caused by the messages
+            raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        vocab = len(self.tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def jobs(self, req: SamplingRequest, prompts: list[list[int]]) -> list[Job]:
+        """Validate lengths and build one job per (prompt, choice)."""
+        try:
+            stop = req.stop_list
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="stop") from exc
+        llm = self.engine.engine
+        jobs = []
+        for p_idx, ids in enumerate(prompts):
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            max_tokens = req.token_limit or max(1, llm.max_model_len - len(ids))
+            try:
+                llm.check_length(len(ids), max_tokens)
+            except RequestTooLong as exc:
+                raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
+            for i in range(req.n):
+                seed = None if req.seed is None else (req.seed + i) % 2**63
+                params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                        top_k=max(req.top_k, 0), seed=seed, stop=stop)
+                jobs.append(Job(p_idx * req.n + i, ids, params))
+        return jobs
+
+
+async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job]
+                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Run all choices concurrently and yield ``(choice index, output delta)`` as they arrive.
+
+    Closing the iterator (client gone, error) cancels every choice, which aborts it in the engine.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(job: Job) -> None:
+        try:
+            async for out in engine.generate(f"{base_id}-{job.index}", job.prompt_ids, job.params):
+                queue.put_nowait((job.index, out))
+        except Exception as exc:
+            queue.put_nowait((job.index, exc))
+
+    tasks = [asyncio.create_task(pump(j)) for j in jobs]
+    remaining = len(jobs)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            remaining -= item.finished
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def speculation_stats(out: RequestOutput) -> dict:
+    return {"verify_steps": out.verify_steps, "drafted_tokens": out.drafted_tokens,
+            "accepted_tokens": out.accepted_tokens,
+            "mean_acceptance_length": round(out.mean_acceptance_length, 4)}

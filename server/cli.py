@@ -1,0 +1,42 @@
+"""``treespec`` command line: ``serve`` and ``bench`` (flags generated from the config models)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.config import ServerConfig, add_config_flags, config_from_args
+
+
+def serve(cfg: ServerConfig) -> None:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.build import build_engine
+
+    llm, name = build_engine(cfg)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", name, cfg.host, cfg.port)
+    uvicorn.run(create_app(llm, name), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="treespec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_config_flags(sub.add_parser("serve", help="serve the OpenAI-compatible API"))
+    from bench.harness import add_bench_flags, run_bench
+    add_bench_flags(sub.add_parser("bench", help="run a Spec-Bench-format benchmark through the engine"))
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except Exception as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(cfg)
+    else:
+        run_bench(cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
