@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from drafters.registry import build_drafter
 from server.cache.block_pool import BlockPool
 from server.cache.kv_manager import KVManager
 from server.config import ServerConfig
@@ -56,9 +57,12 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     num_blocks = cfg.num_kv_blocks or max(
         1, int(cfg.kv_cache_gib * 2**30 // (kv_bytes_per_token(model, dtype) * cfg.block_size)))
     kv = KVManager(BlockPool(num_blocks, cfg.block_size))
-    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len)), kv)
-    runner = ModelRunner(model, kv, cfg.device, dtype)
+    drafter = build_drafter(cfg.drafter, cfg, model)
+    lookahead = drafter.max_tree_tokens if drafter is not None else 0
+    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len), lookahead,
+                                          max_len), kv)
+    runner = ModelRunner(model, kv, cfg.device, dtype, drafter)
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    log.info("model %s: %d layers, hidden %d, vocab %d, context %d", path, mc.num_hidden_layers,
-             mc.hidden_size, mc.vocab_size, max_len)
+    log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (%d draft tokens)", path,
+             mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len, cfg.drafter, lookahead)
     return LLMEngine(scheduler, runner, tokenizer, max_len, eos), served_name(cfg, path)

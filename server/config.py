@@ -30,6 +30,8 @@ class ServerConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
+    drafter: str = Field("none", description="Speculative drafter: none, lookup (see drafters/registry.py)")
+    max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

@@ -61,7 +61,7 @@ class ByteTokenizer:
 
 
 def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                max_model_len: int = 256, eos: tuple[int, ...] = ()):
+                max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None):
     """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``)."""
     from server.cache.block_pool import BlockPool
     from server.cache.kv_manager import KVManager
@@ -72,8 +72,9 @@ def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_s
     if model is None:
         model = native_from(tiny_hf_config(), hf_model_from(tiny_hf_config()).state_dict())
     kv = KVManager(BlockPool(num_blocks, block_size))
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len), kv)
-    return LLMEngine(scheduler, ModelRunner(model, kv), ByteTokenizer(), max_model_len, eos)
+    lookahead = drafter.max_tree_tokens if drafter is not None else 0
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_model_len, lookahead, max_model_len), kv)
+    return LLMEngine(scheduler, ModelRunner(model, kv, drafter=drafter), ByteTokenizer(), max_model_len, eos)
 
 
 @torch.inference_mode()

@@ -68,6 +68,10 @@ class LLMEngine:
                 if s.is_prefill:
                     prompt_tokens += s.num_new_tokens
                 tokens = self.scheduler.commit(req, result.new_tokens[req.request_id])
+                if req.request_id in result.drafted:
+                    req.spec.verify_steps += 1
+                    req.spec.drafted_tokens += result.drafted[req.request_id]
+                    req.spec.accepted_tokens += result.accepted[req.request_id]
                 gen_tokens += len(tokens)
                 if req.first_token_time is None:
                     req.first_token_time = now

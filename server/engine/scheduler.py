@@ -14,6 +14,7 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 8192
     num_lookahead_slots: int = 0  # KV slots reserved per running request for draft-tree tokens
+    max_model_len: int = 1 << 30  # lookahead never reaches past the context window
 
 
 @dataclass
@@ -51,12 +52,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        lookahead = self.config.num_lookahead_slots
         budget = self.config.max_num_batched_tokens
         kept: list[Request] = []
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
+            lookahead = self.lookahead_for(req)
             need = len(req.token_ids) + lookahead
             while not self.kv.can_allocate(req.request_id, need):
                 victim = queue.pop() if queue else req
@@ -85,6 +86,12 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n, 0, is_prefill=True))
             budget -= n
         return out
+
+    def lookahead_for(self, req: Request) -> int:
+        """Draft slots worth reserving: none past the context window or beyond the remaining max_tokens."""
+        remaining = req.params.max_tokens - req.num_output_tokens - 1
+        room = self.config.max_model_len - len(req.token_ids)
+        return max(0, min(self.config.num_lookahead_slots, remaining, room))
 
     def _preempt(self, req: Request) -> None:
         """Drop the request's KV; it re-enters the queue front and is recomputed from its tokens."""

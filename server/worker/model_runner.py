@@ -1,4 +1,10 @@
-"""Owns the model and the KV tensors; turns a ``SchedulerOutput`` into one forward and sampled tokens."""
+"""Owns the model and the KV tensors; turns a ``SchedulerOutput`` into one forward and committed tokens.
+
+Prefills feed their uncomputed tokens causally. Decoding requests feed their root
+(the last committed token) plus, when a drafter is set, its draft tree: positions
+are prefix length + depth and each tree token attends to its ancestors only. The
+accepted path's KV is then compacted into contiguous slots.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import SeqAttention, build_metadata
+from drafters.accept import AcceptResult, greedy_accept, sample_accept
+from drafters.base import AcceptUpdate, Drafter, DraftRequest
+from drafters.tree import DraftTree
+from kernels import SeqAttention, build_metadata, slots_for
 from server.cache.kv_manager import KVManager
-from server.engine.scheduler import SchedulerOutput
+from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 from server.models.llama import LlamaModel
-from server.worker.sampling import new_generator, sample_token
+from server.worker.sampling import new_generator, processed_probs, sample_token
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunnerOutput:
-    new_tokens: dict[str, list[int]] = field(default_factory=dict)  # committed tokens per request
+    new_tokens: dict[str, list[int]] = field(default_factory=dict)  # accepted drafts + bonus, per request
+    drafted: dict[str, int] = field(default_factory=dict)           # tree size, decoding requests only
+    accepted: dict[str, int] = field(default_factory=dict)          # accepted draft tokens
 
 
 def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
@@ -27,9 +38,11 @@ def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVManager, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: LlamaModel, kv: KVManager, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 drafter: Drafter | None = None):
         self.model = model
         self.kv = kv
+        self.drafter = drafter
         self.device = torch.device(device)
         c = model.config
         shape = (kv.pool.num_blocks, kv.block_size, c.num_key_value_heads, c.head_dim)
@@ -40,30 +53,87 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d slots (%.1f MiB)", kv.pool.num_blocks, kv.block_size,
                  kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20)
 
+    def _trees(self, sched: SchedulerOutput) -> dict[str, DraftTree]:
+        decode = [s for s in sched.scheduled if not s.is_prefill and s.num_lookahead > 0]
+        if self.drafter is None or not decode:
+            return {}
+        asks = [DraftRequest(s.request.request_id, s.request.token_ids, s.request.params, s.num_lookahead)
+                for s in decode]
+        return {a.request_id: t for a, t in zip(asks, self.drafter.propose(asks))}
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run every scheduled request's uncomputed tokens in one forward and sample one token each."""
+        """One target forward over all prefills and (tree-)decodes; returns committed tokens."""
+        trees = self._trees(sched)
         ids, positions, seqs = [], [], []
         for s in sched.scheduled:
-            req = s.request
-            start = req.num_computed_tokens
-            ids.extend(req.token_ids[start:])
-            positions.extend(range(start, len(req.token_ids)))
-            seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(req.token_ids) - start))
+            req, start = s.request, s.request.num_computed_tokens
+            tree = trees.get(req.request_id)
+            if tree is None:
+                ids.extend(req.token_ids[start:])
+                positions.extend(range(start, len(req.token_ids)))
+                seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(req.token_ids) - start))
+            else:
+                ids.append(req.token_ids[-1])
+                ids.extend(tree.tokens)
+                positions.extend((start + tree.position_offsets()).tolist())
+                seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(tree) + 1,
+                                         tree.ancestor_mask(include_root=True)))
         meta = build_metadata(seqs, self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            self.kv_caches, meta)                                 # [T, hidden]
-        last = torch.tensor([s.num_new for s in seqs], device=self.device).cumsum(0) - 1  # [B]
-        logits = self.model.compute_logits(hidden[last]).float()                  # [B, V]
-        out = RunnerOutput()
-        for row, s in zip(logits, sched.scheduled):
-            req = s.request
-            gen = self.generators.get(req.request_id)
-            if gen is None:
-                gen = self.generators[req.request_id] = new_generator(req.params.seed)
-            out.new_tokens[req.request_id] = [sample_token(row, req.params, gen)]
+                            self.kv_caches, meta)                                  # [T, hidden]
+        out, updates, offset = RunnerOutput(), [], 0
+        for s, seq in zip(sched.scheduled, seqs):
+            rows = hidden[offset:offset + seq.num_new]                              # [n, hidden]
+            offset += seq.num_new
+            update = self._finish_request(s, rows, trees.get(s.request.request_id), out)
+            if update is not None:
+                updates.append(update)
+        if self.drafter is not None and updates:
+            self.drafter.on_accept(updates)
         return out
+
+    def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, tree: DraftTree | None,
+                        out: RunnerOutput) -> AcceptUpdate | None:
+        req = s.request
+        rid, start = req.request_id, req.num_computed_tokens
+        gen = self.generators.get(rid)
+        if gen is None:
+            gen = self.generators[rid] = new_generator(req.params.seed)
+        if tree is None:
+            token = sample_token(self.model.compute_logits(rows[-1]).float(), req.params, gen)
+            out.new_tokens[rid] = [token]
+            if not s.is_prefill and self.drafter is not None:
+                out.drafted[rid], out.accepted[rid] = 0, 0
+            fed = req.token_ids[start:]
+            return AcceptUpdate(rid, start, fed, rows, token, reset=s.is_prefill)
+        logits = self.model.compute_logits(rows).float()                           # [n + 1, V]
+        result = self._accept(tree, logits, req.params, gen)
+        self._compact(rid, start, result)
+        out.new_tokens[rid] = result.emitted
+        out.drafted[rid], out.accepted[rid] = len(tree), result.accept_length
+        keep = [0] + [n + 1 for n in result.nodes]                                 # root + accepted rows
+        return AcceptUpdate(rid, start, [req.token_ids[-1]] + result.tokens, rows[keep], result.bonus)
+
+    @staticmethod
+    def _accept(tree: DraftTree, logits: torch.Tensor, params, gen: torch.Generator) -> AcceptResult:
+        if params.greedy:
+            return greedy_accept(tree, logits.argmax(-1))
+        return sample_accept(tree, processed_probs(logits, params), gen)
+
+    def _compact(self, rid: str, start: int, result: AcceptResult) -> None:
+        """Move accepted nodes' KV from their tree slots to contiguous slots after the root."""
+        moves = [(start + 1 + node, start + 1 + i) for i, node in enumerate(result.nodes) if node != i]
+        if not moves:
+            return
+        table = self.kv.block_table(rid)
+        src = torch.tensor([slots_for(table, a, a + 1, self.kv.block_size)[0] for a, _ in moves], device=self.device)
+        dst = torch.tensor([slots_for(table, b, b + 1, self.kv.block_size)[0] for _, b in moves], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            self.model.backend.copy_slots(k_cache, v_cache, src, dst)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state when a request ends."""
         self.generators.pop(request_id, None)
+        if self.drafter is not None:
+            self.drafter.release(request_id)

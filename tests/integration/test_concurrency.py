@@ -78,9 +78,11 @@ def test_streaming_client_disconnect_aborts(server_url, model_id, scrape, wait_i
                     json.loads(line.removeprefix("data: "))
                     got += 1
                     if got == 3:
+                        # (checked before leaving the loop: closing the line iterator closes the connection)
+                        assert scrape("treespec_num_requests_running") == 1.0
+                        assert scrape("treespec_kv_cache_usage_ratio") > 0.0
                         break
-            assert scrape("treespec_num_requests_running") == 1.0
-            assert scrape("treespec_kv_cache_usage_ratio") > 0.0
+            assert got == 3
     # connection closed: the server must abort the request and free its KV blocks
     wait_idle(10)
     assert scrape("treespec_num_requests_running") == 0.0
@@ -115,4 +117,5 @@ def test_disconnect_during_n2_stream_aborts_all_choices(server_url, model_id, sc
                 while not next(lines).startswith("data: "):
                     pass
             wait_running(scrape, 2)
+            lines.close()
     wait_idle(10)

@@ -1,0 +1,265 @@
+"""EAGLE-1/2 drafter network (weights layout of SafeAILab/EAGLE ``eagle/model/cnets1.py``).
+
+The drafter reads, at position t, the target's post-norm feature ``f_t`` and the embedding of
+the next token ``x_{t+1}``: ``h_t = fc(cat([embed(x_{t+1}), f_t]))``; one (or more) Llama decoder
+layer(s) then predict ``f_{t+1}``, and the target's LM head turns that into a distribution over
+``x_{t+2}``. Layer 0 has no input RMSNorm and there is no final norm. The embedding and LM head
+belong to the target: they are passed in, frozen, and never saved with the drafter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from server.models.llama import MLP, LlamaConfig, RMSNorm
+from server.models.rope import RotaryEmbedding
+
+KV = tuple[torch.Tensor, torch.Tensor]
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+
+
+@dataclass
+class EagleConfig:
+    """Drafter dimensions: the target's Llama dims plus EAGLE's ``bias`` (of ``fc``)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    bias: bool = True
+    num_hidden_layers: int = 1
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], **overrides: Any) -> "EagleConfig":
+        """From an EAGLE ``config.json`` (or the target's HF Llama config plus ``overrides``)."""
+        base = LlamaConfig.from_hf({"num_hidden_layers": 1, **cfg})
+        values = {f.name: getattr(base, f.name) for f in fields(cls) if hasattr(base, f.name)}
+        values["bias"] = cfg.get("bias", True)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1, bias: bool = True) -> "EagleConfig":
+        """A drafter config for a target given by its HF ``config.json`` dict."""
+        return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        """EAGLE ``config.json`` layout: a Llama config of the target's dims plus ``"bias"``."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                **asdict(self)}
+
+    def llama(self) -> LlamaConfig:
+        """The same dims as a ``LlamaConfig`` (to build the shared ``MLP``)."""
+        return LlamaConfig(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
+                           self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
+                           self.rope_theta, self.rope_scaling, self.max_position_embeddings)
+
+
+class EagleAttention(nn.Module):
+    """Llama self-attention over ``past + new`` keys with an explicit boolean mask (GQA via SDPA)."""
+
+    def __init__(self, cfg: EagleConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=False)
+        self.o_proj = nn.Linear(self.sizes[0], cfg.hidden_size, bias=False)
+        self.rope = rope
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, h, D]`` rotated at ``positions [B, T]`` -> ``[B, h, T, D]``."""
+        b, t, h, d = x.shape
+        return self.rope(x.reshape(b * t, h, d), positions.reshape(-1)).view(b, t, h, d).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: KV | None,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = self._rotate(q.view(b, t, self.heads, self.head_dim), positions)       # [B, H, T, D]
+        k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim), positions)    # [B, Hkv, T, D]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)             # [B, Hkv, T, D]
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)                      # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class EagleLayer(nn.Module):
+    """Llama decoder layer; the first one (``index == 0``) has no input RMSNorm."""
+
+    def __init__(self, cfg: EagleConfig, rope: RotaryEmbedding, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if index else nn.Identity()
+        self.self_attn = EagleAttention(cfg, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.llama())
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: KV | None,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, past, mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[1, 1, new, past + new]``: new token i sees every past token and new tokens <= i."""
+    cols = torch.arange(past + new, device=device)
+    return (cols[None, :] <= past + torch.arange(new, device=device)[:, None])[None, None]
+
+
+class EagleDrafter(nn.Module):
+    """``fc`` + decoder layer(s) over the target's frozen embedding and (optionally truncated) LM head.
+
+    ``head_token_ids`` ``[K]`` (FR-Spec) restricts ``logits`` to those rows of the target LM head;
+    ``to_target_ids`` maps head indices back to target token ids.
+    """
+
+    def __init__(self, cfg: EagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                 head_token_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.layers = nn.ModuleList(EagleLayer(cfg, rope, i) for i in range(cfg.num_hidden_layers))
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)   # [V, H]
+        ids = None if head_token_ids is None else head_token_ids.long()
+        self.register_buffer("head_token_ids", ids, persistent=False)                  # [K] or None
+        head = lm_head_weight.detach() if ids is None else lm_head_weight.detach()[ids]
+        self.register_buffer("head_weight", head, persistent=False)                     # [K or V, H]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Target token embedding: ``[...]`` -> ``[..., H]``."""
+        return F.embedding(tokens, self.embed_weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` -> ``[..., K]`` (or ``[..., V]`` without a truncated head)."""
+        return F.linear(hidden, self.head_weight.to(hidden.dtype))
+
+    def to_target_ids(self, head_ids: torch.Tensor) -> torch.Tensor:
+        """Indices into ``logits``' last dim -> target vocabulary ids."""
+        return head_ids if self.head_token_ids is None else self.head_token_ids[head_ids]
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                past: KV | None = None, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """Draft ``f̂_{t+1}`` from ``(x_{t+1}, f_t)`` pairs.
+
+        tokens ``[B, T]``, features ``[B, T, H]``, positions ``[B, T]``; ``past`` is the KV of
+        earlier calls, each ``[B, Hkv * layers, P, D]``; ``attn_mask`` bool ``[B, 1, T, P + T]``
+        (True = attend), None = causal over past + new. Returns hidden ``[B, T, H]`` and the KV
+        including the past, each ``[B, Hkv * layers, P + T, D]`` (layer i owns heads
+        ``[i * Hkv, (i + 1) * Hkv)``).
+        """
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))  # [B, T, H]
+        if attn_mask is None and past is not None:
+            attn_mask = causal_mask(tokens.shape[1], past[0].shape[2], tokens.device)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            heads = slice(i * self.kv_heads, (i + 1) * self.kv_heads)
+            layer_past = None if past is None else (past[0][:, heads], past[1][:, heads])
+            x, (k, v) = layer(x, positions, layer_past, attn_mask)
+            keys.append(k)
+            values.append(v)
+        return x, (torch.cat(keys, dim=1), torch.cat(values, dim=1))
+
+
+def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """EAGLE names (separate q/k/v and gate/up) -> this module's fused names."""
+    own = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        own[p + "self_attn.qkv_proj.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        own[p + "mlp.gate_up_proj.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight",
+                     "input_layernorm.weight"):
+            if p + name in sd:
+                own[p + name] = sd[p + name]
+    return own
+
+
+def _eagle_state(drafter: EagleDrafter) -> dict[str, torch.Tensor]:
+    """This module's fused weights -> EAGLE names."""
+    cfg, sd = drafter.config, drafter.state_dict()
+    out = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        for n, w in zip("qkv", sd[p + "self_attn.qkv_proj.weight"].split([q, kv, kv])):
+            out[p + f"self_attn.{n}_proj.weight"] = w
+        gate, up = sd[p + "mlp.gate_up_proj.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out.update({k: v for k, v in sd.items() if k.startswith(p) and "qkv_proj" not in k and "gate_up" not in k})
+    return out
+
+
+def save_checkpoint(directory: str | Path, drafter: EagleDrafter, config: EagleConfig,
+                    extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``config.json`` (EAGLE layout, plus ``extra`` under ``"treespec"``) and ``model.safetensors``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in _eagle_state(drafter).items()}
+    if drafter.head_token_ids is not None:
+        tensors["head_token_ids"] = drafter.head_token_ids.detach().cpu().contiguous()
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "treespec": extra or {}}, indent=2))
+    return out
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop any leading prefix before ``fc.`` / ``layers.`` and the (ignored) ``embed_tokens`` key."""
+    out = {}
+    for key, value in sd.items():
+        for anchor in ("fc.", "layers.", "head_token_ids"):
+            at = key.find(anchor)
+            if at == 0 or (at > 0 and key[at - 1] == "."):
+                out[key[at:]] = value
+                break
+    return out
+
+
+def _weight(module_or_tensor: nn.Module | torch.Tensor) -> torch.Tensor:
+    return module_or_tensor if isinstance(module_or_tensor, torch.Tensor) else module_or_tensor.weight
+
+
+def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
+                    lm_head: nn.Module | torch.Tensor) -> EagleDrafter:
+    """Load a treespec or SafeAILab EAGLE-1/2 checkpoint onto the target's ``embed`` and ``lm_head``.
+
+    Accepts ``model.safetensors`` or ``pytorch_model.bin``; keys may carry a prefix and may include
+    ``embed_tokens.weight``, which is ignored (the target's embedding is used).
+    """
+    folder = Path(directory)
+    cfg_dict = json.loads((folder / "config.json").read_text())
+    cfg = EagleConfig.from_dict(cfg_dict)
+    if (folder / WEIGHTS_FILE).is_file():
+        raw = load_file(str(folder / WEIGHTS_FILE))
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        raw = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE} in {folder}")
+    sd = _strip_prefix(raw)
+    head_ids = sd.pop("head_token_ids", None)
+    embed_w, head_w = _weight(embed), _weight(lm_head)
+    drafter = EagleDrafter(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
+    drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in _own_state(sd, cfg.num_hidden_layers).items()})
+    return drafter.eval()

@@ -1,0 +1,45 @@
+"""Spec-Bench metric definitions: mean per-question tokens/s, pooled tau, speedup, identity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.report import accepted_length_histogram, method_results, plot
+from bench.runner import Row
+
+
+def row(qid, cat, n, t, steps=0, acc=0, lens=()):
+    return Row(qid, cat, token_ids=list(range(n)), wall_time=t, verify_steps=steps, accepted_tokens=acc,
+               accept_lengths=list(lens))
+
+
+def test_definitions():
+    base = [row(1, "a", 10, 1.0), row(2, "b", 10, 2.0)]                      # 10 and 5 tok/s
+    spec = [row(1, "a", 10, 0.5, steps=4, acc=6, lens=[3, 3, 2, 2]), row(2, "b", 10, 2.0, steps=10, acc=0)]
+    res = method_results(spec, wall=2.5, baseline=base)
+    o = res["overall"]
+    assert o["tokens_per_s"] == pytest.approx((20 + 5) / 2)                    # mean of per-question rates
+    assert o["speedup"] == pytest.approx(12.5 / 7.5)
+    assert o["tau"] == pytest.approx((6 + 14) / 14)                            # pooled over steps
+    assert o["aggregate_tokens_per_s"] == pytest.approx(20 / 2.5)
+    assert o["identical_to_baseline"] is True
+    assert res["per_category"]["a"]["speedup"] == pytest.approx(2.0)
+    assert method_results(base, 3.0, None)["overall"]["tau"] == 1.0            # plain decoding
+    assert accepted_length_histogram(spec) == {2: 2, 3: 2}
+
+
+def test_identity_detects_a_difference():
+    base = [row(1, "a", 10, 1.0)]
+    other = [Row(1, "a", token_ids=list(range(9)) + [99], wall_time=1.0)]
+    assert method_results(other, 1.0, base)["overall"]["identical_to_baseline"] is False
+
+
+def test_plot_writes_png(tmp_path):
+    rows = [row(1, "a", 10, 1.0, steps=4, acc=6, lens=[3, 2]), row(2, "b", 8, 1.0, steps=8, acc=0, lens=[1])]
+    report = {"config": {"drafter": "x", "concurrency": 1}, "results": method_results(rows, 2.0, rows),
+              "baseline": method_results(rows, 2.0, None), "accepted_length_histogram": {1: 1, 2: 1, 3: 1}}
+    out = tmp_path / "r.png"
+    plot(json.loads(json.dumps(report)), out)
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
