@@ -1,4 +1,4 @@
-"""``treespec`` command line: ``serve`` and ``bench`` (flags generated from the config models)."""
+"""``treespec`` command line: ``serve``, ``bench`` (flags generated from the config models) and ``train-drafter``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(sub.add_parser("serve", help="serve the OpenAI-compatible API"))
     from bench.harness import add_bench_flags, run_bench
     add_bench_flags(sub.add_parser("bench", help="run a Spec-Bench-format benchmark through the engine"))
+    from drafters.train.cli import add_train_flags, run_train
+    add_train_flags(sub.add_parser("train-drafter", help="extract target features and train a drafter"))
     args = parser.parse_args(argv)
+    if args.command == "train-drafter":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_train(args)
+        return
     try:
         cfg = config_from_args(args)
     except Exception as exc:

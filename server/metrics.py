@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from server.engine.outputs import StepStats
 
+ACCEPT_BUCKETS = tuple(range(1, 17))
+RECENT_STEPS = 256  # window of the recent mean acceptance length gauge
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 
 
@@ -28,6 +32,19 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("treespec_request_success", "Finished requests by reason", labels + ["reason"],
                                 registry=r)
+        self.verify_steps = Counter("treespec_spec_verify_steps", "Speculative verify steps (one per request "
+                                    "per decoding step with a drafter)", labels, registry=r)
+        self.drafts = Counter("treespec_spec_drafts", "Non-empty draft trees verified", labels, registry=r)
+        self.draft_tokens = Counter("treespec_spec_draft_tokens", "Draft tokens verified", labels, registry=r)
+        self.accepted_tokens = Counter("treespec_spec_accepted_tokens", "Draft tokens accepted", labels, registry=r)
+        self.accepted_by_position = Counter("treespec_spec_accepted_tokens_per_position",
+                                            "Accepted draft tokens by depth in the tree", labels + ["position"],
+                                            registry=r)
+        self.accept_length = Histogram("treespec_spec_accepted_length", "Tokens committed per verify step "
+                                       "(accepted drafts + 1)", labels, buckets=ACCEPT_BUCKETS, registry=r)
+        self.mean_accept = Gauge("treespec_spec_mean_acceptance_length", f"Mean tokens committed per verify "
+                                 f"step over the last {RECENT_STEPS} steps (tau)", labels, registry=r)
+        self.recent: deque[int] = deque(maxlen=RECENT_STEPS)
         self.model_name = model_name
         if scheduler is not None:  # read live at scrape time: correct even while the engine idles
             self.running.labels(model_name).set_function(lambda: len(scheduler.running))
@@ -51,6 +68,22 @@ class Metrics:
             self.e2e.labels(m).observe(v)
         for reason in stats.finished_reasons:
             self.finished.labels(m, reason).inc()
+        self.observe_speculation(stats.drafted, stats.accepted)
+
+    def observe_speculation(self, drafted: list[int], accepted: list[int]) -> None:
+        if not drafted:
+            return
+        m = self.model_name
+        self.verify_steps.labels(m).inc(len(drafted))
+        self.drafts.labels(m).inc(sum(1 for d in drafted if d))
+        self.draft_tokens.labels(m).inc(sum(drafted))
+        self.accepted_tokens.labels(m).inc(sum(accepted))
+        for a in accepted:
+            self.accept_length.labels(m).observe(a + 1)
+            for pos in range(1, a + 1):
+                self.accepted_by_position.labels(m, str(pos)).inc()
+        self.recent.extend(a + 1 for a in accepted)
+        self.mean_accept.labels(m).set(sum(self.recent) / len(self.recent))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -59,7 +59,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         prompt_tokens = gen_tokens = 0
-        stats_ttft, stats_itl, stats_e2e, reasons = [], [], [], []
+        stats_ttft, stats_itl, stats_e2e, reasons, drafted, accepted = [], [], [], [], [], []
         if not sched.empty:
             result = self.runner.execute(sched)
             now = time.monotonic()
@@ -69,9 +69,11 @@ class LLMEngine:
                     prompt_tokens += s.num_new_tokens
                 tokens = self.scheduler.commit(req, result.new_tokens[req.request_id])
                 if req.request_id in result.drafted:
+                    drafted.append(result.drafted[req.request_id])
+                    accepted.append(result.accepted[req.request_id])
                     req.spec.verify_steps += 1
-                    req.spec.drafted_tokens += result.drafted[req.request_id]
-                    req.spec.accepted_tokens += result.accepted[req.request_id]
+                    req.spec.drafted_tokens += drafted[-1]
+                    req.spec.accepted_tokens += accepted[-1]
                 gen_tokens += len(tokens)
                 if req.first_token_time is None:
                     req.first_token_time = now
@@ -96,7 +98,8 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
-            ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons)
+            ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
+            drafted=drafted, accepted=accepted)
         return outputs, stats
 
     def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:

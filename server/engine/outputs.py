@@ -39,3 +39,5 @@ class StepStats:
     inter_token: list[float] = field(default_factory=list)   # seconds per token, later tokens
     e2e: list[float] = field(default_factory=list)           # seconds, requests that finished
     finished_reasons: list[str] = field(default_factory=list)
+    drafted: list[int] = field(default_factory=list)     # tree size of each verify step this engine step
+    accepted: list[int] = field(default_factory=list)    # accepted draft tokens of each verify step
