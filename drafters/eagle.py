@@ -61,12 +61,18 @@ class EagleTreeDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
-        states = [self._context_pass(self.states[r.request_id]) for r in requests]
-        pool = self.expand(states, self.top_k, self.depth)
-        trees = []
-        for b, r in enumerate(requests):
-            trees.append(rerank(pool.tokens[b].tolist(), pool.parents[b].tolist(), pool.scores[b].tolist(),
-                                min(r.budget, self.max_tree_tokens)))
+        """Requests sharing a tree shape (top_k, depth) are expanded together in one batch."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            shape = (r.params.draft_top_k or self.top_k, r.params.draft_depth or self.depth)
+            groups.setdefault(shape, []).append(i)
+        trees: list[DraftTree | None] = [None] * len(requests)
+        for (k, depth), members in groups.items():
+            states = [self._context_pass(self.states[requests[i].request_id]) for i in members]
+            pool = self.expand(states, k, depth)
+            for b, i in enumerate(members):
+                trees[i] = rerank(pool.tokens[b].tolist(), pool.parents[b].tolist(), pool.scores[b].tolist(),
+                                  min(requests[i].budget, self.max_tree_tokens))
         return trees
 
     def _context_pass(self, st: _State) -> _State:

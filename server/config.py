@@ -30,8 +30,12 @@ class ServerConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
-    drafter: str = Field("none", description="Speculative drafter: none, lookup (see drafters/registry.py)")
+    drafter: str = Field("none", description="Speculative drafter: none, lookup, eagle (drafters/registry.py)")
+    drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle; default: the shipped "
+                                                       "drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
+    draft_depth: int = Field(5, ge=1, le=32, description="Tree drafters: expansion depth (max draft length - 1)")
+    draft_top_k: int = Field(4, ge=1, le=64, description="Tree drafters: children per node and frontier width")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

@@ -26,6 +26,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SpeculationOptions(BaseModel):
+    """Extension: per-request draft-tree shape (defaults come from the server's flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+    total_tokens: int | None = Field(None, ge=0, le=256, description="draft nodes per step; 0 disables drafting")
+    depth: int | None = Field(None, ge=1, le=32, description="tree drafters: expansion depth")
+    top_k: int | None = Field(None, ge=1, le=64, description="tree drafters: children per node")
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -41,6 +50,7 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    speculation: SpeculationOptions | None = None
     user: str | None = None
     logprobs: Any = None
     top_logprobs: Any = None

@@ -65,6 +65,7 @@ class ServingState:
         except ValueError as exc:
             raise APIError(400, str(exc), param="stop") from exc
         llm = self.engine.engine
+        spec = self.speculation(req)
         jobs = []
         for p_idx, ids in enumerate(prompts):
             if not ids:
@@ -77,9 +78,24 @@ class ServingState:
             for i in range(req.n):
                 seed = None if req.seed is None else (req.seed + i) % 2**63
                 params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                        top_k=max(req.top_k, 0), seed=seed, stop=stop)
+                                        top_k=max(req.top_k, 0), seed=seed, stop=stop, **spec)
                 jobs.append(Job(p_idx * req.n + i, ids, params))
         return jobs
+
+
+    def speculation(self, req: SamplingRequest) -> dict:
+        """Per-request tree overrides as SamplingParams fields; 400 if the server cannot honour them."""
+        opts = req.speculation
+        if opts is None:
+            return {}
+        limit = self.engine.engine.scheduler.config.num_lookahead_slots
+        if limit == 0 and (opts.total_tokens or opts.depth or opts.top_k):
+            raise APIError(400, "this server runs without a drafter; 'speculation' can only disable drafting "
+                                "(total_tokens: 0)", param="speculation")
+        if opts.total_tokens is not None and opts.total_tokens > limit:
+            raise APIError(400, f"speculation.total_tokens must be <= {limit} (the server's --max-draft-tokens)",
+                           param="speculation.total_tokens")
+        return {"draft_tokens": opts.total_tokens, "draft_depth": opts.depth, "draft_top_k": opts.top_k}
 
 
 async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job]

@@ -60,8 +60,10 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         prompt_tokens = gen_tokens = 0
         stats_ttft, stats_itl, stats_e2e, reasons, drafted, accepted = [], [], [], [], [], []
+        timings: dict[str, float] = {}
         if not sched.empty:
             result = self.runner.execute(sched)
+            timings = result.timings
             now = time.monotonic()
             for s in sched.scheduled:
                 req = s.request
@@ -99,7 +101,7 @@ class LLMEngine:
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
             ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
-            drafted=drafted, accepted=accepted)
+            drafted=drafted, accepted=accepted, timings=timings)
         return outputs, stats
 
     def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:

@@ -41,3 +41,4 @@ class StepStats:
     finished_reasons: list[str] = field(default_factory=list)
     drafted: list[int] = field(default_factory=list)     # tree size of each verify step this engine step
     accepted: list[int] = field(default_factory=list)    # accepted draft tokens of each verify step
+    timings: dict[str, float] = field(default_factory=dict)  # runner phases (draft, forward, accept), seconds

@@ -19,6 +19,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    draft_tokens: int | None = None    # per-request draft-tree budget (None: server default; 0: no drafting)
+    draft_depth: int | None = None     # per-request tree depth / top-k for tree drafters (None: server default)
+    draft_top_k: int | None = None
 
     @property
     def greedy(self) -> bool:

@@ -91,7 +91,8 @@ class Scheduler:
         """Draft slots worth reserving: none past the context window or beyond the remaining max_tokens."""
         remaining = req.params.max_tokens - req.num_output_tokens - 1
         room = self.config.max_model_len - len(req.token_ids)
-        return max(0, min(self.config.num_lookahead_slots, remaining, room))
+        wanted = req.params.draft_tokens if req.params.draft_tokens is not None else self.config.num_lookahead_slots
+        return max(0, min(self.config.num_lookahead_slots, wanted, remaining, room))
 
     def _preempt(self, req: Request) -> None:
         """Drop the request's KV; it re-enters the queue front and is recomputed from its tokens."""

@@ -9,6 +9,7 @@ accepted path's KV is then compacted into contiguous slots.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class RunnerOutput:
     new_tokens: dict[str, list[int]] = field(default_factory=dict)  # accepted drafts + bonus, per request
     drafted: dict[str, int] = field(default_factory=dict)           # tree size, decoding requests only
     accepted: dict[str, int] = field(default_factory=dict)          # accepted draft tokens
+    timings: dict[str, float] = field(default_factory=dict)         # seconds: draft, forward, accept
 
 
 def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
@@ -64,7 +66,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One target forward over all prefills and (tree-)decodes; returns committed tokens."""
+        t0 = time.perf_counter()
         trees = self._trees(sched)
+        t1 = time.perf_counter()
         ids, positions, seqs = [], [], []
         for s in sched.scheduled:
             req, start = s.request, s.request.num_computed_tokens
@@ -82,6 +86,7 @@ class ModelRunner:
         meta = build_metadata(seqs, self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             self.kv_caches, meta)                                  # [T, hidden]
+        t2 = time.perf_counter()
         out, updates, offset = RunnerOutput(), [], 0
         for s, seq in zip(sched.scheduled, seqs):
             rows = hidden[offset:offset + seq.num_new]                              # [n, hidden]
@@ -91,6 +96,7 @@ class ModelRunner:
                 updates.append(update)
         if self.drafter is not None and updates:
             self.drafter.on_accept(updates)
+        out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": time.perf_counter() - t2}
         return out
 
     def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, tree: DraftTree | None,
