@@ -15,10 +15,8 @@ import torch
 
 from bench.questions import load_questions
 from bench.report import accepted_length_histogram, method_results, plot
-from bench.runner import run_engine, run_hf
+from bench.runner import StepProfile, run_engine, run_hf
 from server.config import ServerConfig, add_config_flags
-
-DRAFTERS = ("none",)
 
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +27,6 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--categories", nargs="*", default=None, help="only these categories")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
-    g.add_argument("--drafter", default="none", choices=DRAFTERS, help="speculative drafter to benchmark")
     g.add_argument("--baseline", action="store_true", help="also run plain decoding: speedup, identity")
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate peer row")
     g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
@@ -82,28 +79,32 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     questions = load_questions(args.questions, args.limit, args.categories)
     if not questions:
         raise SystemExit(f"no questions selected from {args.questions}")
-    engine, name = build_engine(cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)}))
+    drafter = cfg.drafter
+    cfg = cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)})
+    engine, name = build_engine(cfg)
     prompts = build_prompts(engine, questions)
     warm = prompts[:1] * args.warmup
     report: dict = {
         "command": "treespec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {"model": name, "drafter": args.drafter, "questions": args.questions,
+        "config": {"model": name, "drafter": drafter, "questions": args.questions,
                    "num_questions": len(prompts), "max_new_tokens": args.max_new_tokens,
-                   "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype},
+                   "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype,
+                   "max_draft_tokens": cfg.max_draft_tokens, "draft_depth": cfg.draft_depth,
+                   "draft_top_k": cfg.draft_top_k},
     }
+    profile = StepProfile()
+    run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
+    rows, wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, drafter, profile)
+    report["step_time_breakdown_ms"] = profile.mean_ms()
     baseline = None
-    if args.baseline or args.drafter == "none":
-        run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
-        baseline, base_wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, "plain decoding")
-    if args.drafter == "none":
-        rows, wall = baseline, base_wall
-    else:
-        raise SystemExit(f"drafter {args.drafter!r} is not available")
-    report["results"] = method_results(rows, wall, baseline if args.baseline else None)
     if args.baseline:
+        plain = engine if drafter == "none" else build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
+        run_engine(plain, warm, args.max_new_tokens, 1, "warm-up")
+        baseline, base_wall = run_engine(plain, prompts, args.max_new_tokens, args.concurrency, "plain decoding")
         report["baseline"] = method_results(baseline, base_wall, None)
+    report["results"] = method_results(rows, wall, baseline)
     report["accepted_length_histogram"] = accepted_length_histogram(rows)
     if not args.no_hf:
         model = hf_model(cfg)

@@ -35,8 +35,32 @@ class Row:
         return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
 
 
+@dataclass
+class StepProfile:
+    """Engine steps of one run: count and summed seconds per runner phase."""
+
+    steps: int = 0
+    total: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, step_time: float, timings: dict[str, float]) -> None:
+        self.steps += 1
+        self.total += step_time
+        for k, v in timings.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
+
+    def mean_ms(self) -> dict[str, float]:
+        """Mean milliseconds per engine step: draft, forward, accept, and the rest (scheduling, detokenizing)."""
+        if not self.steps:
+            return {}
+        out = {k: 1000 * v / self.steps for k, v in self.phases.items()}
+        out["scheduler_and_output"] = 1000 * (self.total - sum(self.phases.values())) / self.steps
+        out["total"] = 1000 * self.total / self.steps
+        return out
+
+
 def run_engine(engine: LLMEngine, prompts: list[tuple[object, str, list[int]]], max_new_tokens: int,
-               concurrency: int, desc: str) -> tuple[list[Row], float]:
+               concurrency: int, desc: str, profile: StepProfile | None = None) -> tuple[list[Row], float]:
     """Greedy-generate every prompt keeping ``concurrency`` in flight; returns rows and total wall time."""
     pending = deque(prompts)
     active: dict[str, Row] = {}
@@ -49,8 +73,10 @@ def run_engine(engine: LLMEngine, prompts: list[tuple[object, str, list[int]]], 
                 rid = f"bench-{qid}-{len(rows) + len(active)}"
                 engine.add_request(rid, ids, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
                 active[rid] = Row(qid, cat, start=time.perf_counter())
-            outputs, _ = engine.step()
+            outputs, stats = engine.step()
             now = time.perf_counter()
+            if profile is not None:
+                profile.add(stats.step_time, stats.timings)
             for out in outputs:
                 row = active[out.request_id]
                 row.token_ids.extend(out.token_ids)

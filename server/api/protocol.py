@@ -75,6 +75,14 @@ class SamplingRequest(BaseModel):
     metadata: Any = None
     web_search_options: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI accepts ``null`` for every optional parameter (meaning its default): drop known null fields."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
     @field_validator(*UNSUPPORTED)
     @classmethod
     def _reject_unsupported(cls, value: Any, info: ValidationInfo) -> Any:

@@ -86,12 +86,20 @@ class ModelRunner:
         meta = build_metadata(seqs, self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             self.kv_caches, meta)                                  # [T, hidden]
-        t2 = time.perf_counter()
-        out, updates, offset = RunnerOutput(), [], 0
-        for s, seq in zip(sched.scheduled, seqs):
-            rows = hidden[offset:offset + seq.num_new]                              # [n, hidden]
+        wanted, offset = [], 0                                                      # rows that need logits
+        for seq in seqs:
+            tree_rows = seq.tree_mask is not None
+            wanted.extend(range(offset, offset + seq.num_new) if tree_rows else [offset + seq.num_new - 1])
             offset += seq.num_new
-            update = self._finish_request(s, rows, trees.get(s.request.request_id), out)
+        logits = self.model.compute_logits(hidden[wanted]).float()                 # [R, V]
+        t2 = time.perf_counter()
+        out, updates, offset, row = RunnerOutput(), [], 0, 0
+        for s, seq in zip(sched.scheduled, seqs):
+            n_logits = seq.num_new if seq.tree_mask is not None else 1
+            update = self._finish_request(s, hidden[offset:offset + seq.num_new], logits[row:row + n_logits],
+                                          trees.get(s.request.request_id), out)
+            offset += seq.num_new
+            row += n_logits
             if update is not None:
                 updates.append(update)
         if self.drafter is not None and updates:
@@ -99,21 +107,20 @@ class ModelRunner:
         out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": time.perf_counter() - t2}
         return out
 
-    def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, tree: DraftTree | None,
-                        out: RunnerOutput) -> AcceptUpdate | None:
+    def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, logits: torch.Tensor,
+                        tree: DraftTree | None, out: RunnerOutput) -> AcceptUpdate:
+        """Sample or accept for one request. ``rows`` [n, hidden] its features, ``logits`` [1 or n, V]."""
         req = s.request
         rid, start = req.request_id, req.num_computed_tokens
         gen = self.generators.get(rid)
         if gen is None:
             gen = self.generators[rid] = new_generator(req.params.seed)
         if tree is None:
-            token = sample_token(self.model.compute_logits(rows[-1]).float(), req.params, gen)
+            token = sample_token(logits[-1], req.params, gen)
             out.new_tokens[rid] = [token]
             if not s.is_prefill and self.drafter is not None:
                 out.drafted[rid], out.accepted[rid] = 0, 0
-            fed = req.token_ids[start:]
-            return AcceptUpdate(rid, start, fed, rows, token, reset=s.is_prefill)
-        logits = self.model.compute_logits(rows).float()                           # [n + 1, V]
+            return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=s.is_prefill)
         result = self._accept(tree, logits, req.params, gen)
         self._compact(rid, start, result)
         out.new_tokens[rid] = result.emitted
