@@ -17,6 +17,9 @@ from bench.questions import load_questions
 from bench.report import accepted_length_histogram, method_results, plot
 from bench.runner import StepProfile, run_engine, run_hf
 from server.config import ServerConfig, add_config_flags
+from server.worker.calibrate import measure_verify_cost
+
+VERIFY_SIZES = [0, 1, 3, 7, 15, 23, 31, 47, 63, 95, 127]  # tree nodes; the forward has 1 + n tokens
 
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +28,14 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--questions", default="../shared/data/mt_bench.jsonl", help="Spec-Bench-format JSONL file")
     g.add_argument("--limit", type=int, default=None, help="first N questions (after category filter)")
     g.add_argument("--categories", nargs="*", default=None, help="only these categories")
+    g.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     g.add_argument("--baseline", action="store_true", help="also run plain decoding: speedup, identity")
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate peer row")
     g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
+    g.add_argument("--verify-cost", action="store_true",
+                   help="also time target forwards against tree size (1..128 tokens, 256-token context)")
     g.add_argument("--out", default="bench/results/bench.json", help="output JSON (a PNG is written beside it)")
 
 
@@ -76,7 +82,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
 
     if args.concurrency < 1 or args.max_new_tokens < 1:
         raise SystemExit("--concurrency and --max-new-tokens must be >= 1")
-    questions = load_questions(args.questions, args.limit, args.categories)
+    questions = load_questions(args.questions, args.limit, args.categories, args.per_category)
     if not questions:
         raise SystemExit(f"no questions selected from {args.questions}")
     drafter = cfg.drafter
@@ -98,6 +104,11 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
     rows, wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, drafter, profile)
     report["step_time_breakdown_ms"] = profile.mean_ms()
+    if args.verify_cost:
+        costs = measure_verify_cost(engine.runner, VERIFY_SIZES, context=256, repeats=5)
+        report["verify_cost_ms"] = {"context_tokens": 256, "note": "target forward + LM head over 1 + n tokens",
+                                    "ms": {n: 1000 * c for n, c in costs.items()},
+                                    "relative_to_n0": {n: c / costs[0] for n, c in costs.items()}}
     baseline = None
     if args.baseline:
         plain = engine if drafter == "none" else build_engine(cfg.model_copy(update={"drafter": "none"}))[0]

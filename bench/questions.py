@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ class Question:
     turns: tuple[str, ...]
 
 
-def load_questions(path: str | Path, limit: int | None = None, categories: list[str] | None = None
-                   ) -> list[Question]:
+def load_questions(path: str | Path, limit: int | None = None, categories: list[str] | None = None,
+                   per_category: int | None = None) -> list[Question]:
     """Parse and validate; raises ValueError naming the line on malformed input."""
     path = Path(path)
     if not path.is_file():
@@ -42,4 +43,12 @@ def load_questions(path: str | Path, limit: int | None = None, categories: list[
         unknown = set(categories) - {q.category for q in out}
         if unknown:
             raise ValueError(f"no questions in categories {sorted(unknown)}")
+    if per_category:
+        counts: Counter[str] = Counter()
+        kept = []
+        for q in out:
+            counts[q.category] += 1
+            if counts[q.category] <= per_category:
+                kept.append(q)
+        out = kept
     return out[:limit] if limit else out

@@ -56,10 +56,11 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cost = (report.get("verify_cost_ms") or {}).get("ms")
     methods = {name: report[key] for name, key in (("method", "results"), ("baseline", "baseline"),
                                                    ("HF generate", "peer_hf_generate")) if report.get(key)}
     cats = list(report["results"]["per_category"])
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 4 if cost else 3, figsize=(22 if cost else 17, 4.8))
     width = 0.8 / max(1, len(methods))
     for i, (name, res) in enumerate(methods.items()):
         xs = [j + i * width for j in range(len(cats))]
@@ -78,6 +79,13 @@ def plot(report: dict, path: Path) -> None:
     axes[2].set_xlabel("tokens committed per step")
     axes[2].set_ylabel("steps")
     axes[2].set_title("Accepted length per verify step")
+    if cost:
+        sizes = [int(n) + 1 for n in cost]
+        axes[3].plot(sizes, list(cost.values()), marker="o")
+        axes[3].set_xscale("log", base=2)
+        axes[3].set_xlabel("tokens in the verify forward (root + tree)")
+        axes[3].set_ylabel("ms per target forward")
+        axes[3].set_title("Verify cost vs tree size (256-token context)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

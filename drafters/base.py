@@ -43,6 +43,7 @@ class AcceptUpdate:
 class Drafter(ABC):
     name: str = "base"
     max_tree_tokens: int = 0      # lookahead KV slots the scheduler reserves per request
+    acceptance_profile: dict[int, float] | None = None  # measured tau per tree budget, for calibration
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:

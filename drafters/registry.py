@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,17 @@ def _eagle(cfg, target) -> Drafter:
     if path is None:
         raise ValueError("--drafter eagle needs --drafter-path (an EAGLE checkpoint folder) for this model")
     net = load_checkpoint(path, target.embed_tokens, target.lm_head)
-    return EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
+    drafter = EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
+    drafter.acceptance_profile = load_acceptance_profile(Path(path))
+    return drafter
+
+
+def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
+    """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
+    f = folder / "acceptance.json"
+    if not f.is_file():
+        return None
+    return {int(k): float(v) for k, v in json.loads(f.read_text())["tau_by_budget"].items()}
 
 
 DRAFTERS: dict[str, Factory] = {

@@ -15,6 +15,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
 from server.models.loader import load_tokenizer, load_weights
+from server.worker.calibrate import choose_budget, measure_verify_cost
 from server.worker.model_runner import ModelRunner, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,17 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype).eval()
 
 
+def calibrate_budget(runner: ModelRunner, drafter, cfg: ServerConfig) -> int:
+    """Measure verify cost on this machine and pick the draft budget (logged)."""
+    sizes = sorted({n for n in (4, 8, 12, 16, 24, 32, 48, 64) if n < cfg.max_draft_tokens} | {cfg.max_draft_tokens})
+    costs = measure_verify_cost(runner, sizes)
+    profile = getattr(drafter, "acceptance_profile", None)
+    budget, rate = choose_budget(costs, profile)
+    log.info("tree calibration (%s acceptance profile): %s -> budget %d", "measured" if profile else "heuristic",
+             ", ".join(f"{n}: {1000 * costs[n]:.1f} ms" for n in sizes), budget)
+    return budget
+
+
 def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     """Returns the engine and the model name it serves."""
     if cfg.num_threads:
@@ -62,6 +74,8 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len), lookahead,
                                           max_len), kv)
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter)
+    if drafter is not None and cfg.calibrate_tree:
+        scheduler.config.num_lookahead_slots = drafter.max_tree_tokens = calibrate_budget(runner, drafter, cfg)
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (%d draft tokens)", path,
              mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len, cfg.drafter, lookahead)
