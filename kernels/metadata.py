@@ -33,7 +33,7 @@ class AttentionMetadata:
     query_index: torch.Tensor   # [B, Qmax] index into the T new tokens (padding -> 0)
     query_valid: torch.Tensor   # [B, Qmax] bool
     kv_index: torch.Tensor      # [B, Lmax] flat KV slot of each context position (padding -> 0)
-    attn_mask: torch.Tensor     # [B, 1, Qmax, Lmax] bool, True = may attend
+    attn_mask: torch.Tensor | None  # [B, 1, Qmax, Lmax] bool, True = may attend; None = attend to all
     context_lens: list[int]     # per sequence, prefix_len + num_new
 
 
@@ -73,6 +73,6 @@ def build_metadata(seqs: list[SeqAttention], block_size: int, device: torch.devi
         query_index=torch.from_numpy(query_index).to(device),
         query_valid=torch.from_numpy(query_valid).to(device),
         kv_index=torch.from_numpy(kv_index).to(device),
-        attn_mask=torch.from_numpy(mask).to(device),
+        attn_mask=None if mask.all() else torch.from_numpy(mask).to(device),
         context_lens=ctx,
     )

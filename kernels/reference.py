@@ -23,12 +23,18 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
            scale: float) -> torch.Tensor:
     """Masked attention of new queries ``[T, H, D]`` over their sequences' paged context -> ``[T, H, D]``."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    qp = q[meta.query_index].transpose(1, 2)                                  # [B, H, Qmax, D]
-    k = k_cache.view(-1, num_kv_heads, head_dim)[meta.kv_index].transpose(1, 2)  # [B, Hkv, Lmax, D]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[meta.kv_index].transpose(1, 2)  # [B, Hkv, Lmax, D]
+    batch, l_max = meta.kv_index.shape
+    single = batch == 1
+    qp = (q.unsqueeze(0) if single else q[meta.query_index]).transpose(1, 2)     # [B, H, Qmax, D]
+    flat = meta.kv_index.view(-1)
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
+    k = k.view(batch, l_max, num_kv_heads, head_dim).transpose(1, 2)           # [B, Hkv, Lmax, D]
+    v = v.view(batch, l_max, num_kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.attn_mask, scale=scale,
                                          enable_gqa=num_kv_heads != q.shape[1])  # [B, H, Qmax, D]
-    return out.transpose(1, 2)[meta.query_valid]                               # [T, H, D]
+    out = out.transpose(1, 2)                                                  # [B, Qmax, H, D]
+    return out[0] if single else out[meta.query_valid]                         # [T, H, D]
 
 
 def copy_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -20,12 +20,20 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def is_field(part: str) -> bool:
+    """Pydantic loc parts that name a field or index (not a union member tag like ``list[int]``)."""
+    return part.isdigit() or (part.isidentifier() and part not in TYPE_TAGS)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """First validation error as (message, param)."""
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return f"Invalid JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and is_field(str(p))]
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if not loc:
         return ("Request body is missing or not a JSON object" if err.get("type") == "missing" else msg), None

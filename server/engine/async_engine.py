@@ -106,10 +106,10 @@ class AsyncEngine:
                 log.exception("engine step failed; failing its requests")
                 self._fail_all(exc)
                 continue
+            if self.on_stats is not None:  # metrics first, so a client never sees them lag its response
+                self.on_stats(stats)
             for out in outputs:
                 self._deliver(out.request_id, out)
-            if self.on_stats is not None:
-                self.on_stats(stats)
 
     def _fail_all(self, exc: Exception) -> None:
         sched = self.engine.scheduler

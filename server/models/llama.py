@@ -14,7 +14,7 @@ from torch import nn
 
 import kernels
 from kernels.metadata import AttentionMetadata
-from server.models.rope import RotaryEmbedding
+from server.models.rope import RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
@@ -81,14 +81,13 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.rope = rope
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, backend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rope(q.view(-1, self.num_heads, self.head_dim), positions)     # [T, H, D]
-        k = self.rope(k.view(-1, self.num_kv_heads, self.head_dim), positions)  # [T, Hkv, D]
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)     # [T, H, D]
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)                         # [T, Hkv, D]
         backend.write_kv(k, v, kv[0], kv[1], meta)
         out = backend.attend(q, kv[0], kv[1], meta, self.scale)                 # [T, H, D]
@@ -107,15 +106,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, kv, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta, backend)
+    def forward(self, x, rope, kv, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -125,9 +124,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, backend: str | None = None):
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -138,8 +137,9 @@ class LlamaModel(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]``."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv, meta, self.backend)
+            x = layer(x, rope, kv, meta, self.backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
