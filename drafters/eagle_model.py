@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kernels.linear import Linear, linear
 from server.models.llama import MLP, LlamaConfig, RMSNorm
 from server.models.rope import RotaryEmbedding
 
@@ -45,7 +46,7 @@ class EagleConfig:
     num_hidden_layers: int = 1
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], **overrides: Any) -> "EagleConfig":
+    def from_dict(cls, cfg: dict[str, Any], **overrides: Any) -> EagleConfig:
         """From an EAGLE ``config.json`` (or the target's HF Llama config plus ``overrides``)."""
         base = LlamaConfig.from_hf({"num_hidden_layers": 1, **cfg})
         values = {f.name: getattr(base, f.name) for f in fields(cls) if hasattr(base, f.name)}
@@ -54,7 +55,8 @@ class EagleConfig:
         return cls(**values)
 
     @classmethod
-    def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1, bias: bool = True) -> "EagleConfig":
+    def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1,
+                    bias: bool = True) -> EagleConfig:
         """A drafter config for a target given by its HF ``config.json`` dict."""
         return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias)
 
@@ -66,8 +68,9 @@ class EagleConfig:
     def llama(self) -> LlamaConfig:
         """The same dims as a ``LlamaConfig`` (to build the shared ``MLP``)."""
         return LlamaConfig(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-                           self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
-                           self.rope_theta, self.rope_scaling, self.max_position_embeddings)
+                           self.num_attention_heads, self.num_key_value_heads, self.head_dim,
+                           self.rms_norm_eps, self.rope_theta, self.rope_scaling,
+                           self.max_position_embeddings)
 
 
 class EagleAttention(nn.Module):
@@ -75,10 +78,12 @@ class EagleAttention(nn.Module):
 
     def __init__(self, cfg: EagleConfig, rope: RotaryEmbedding):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=False)
-        self.o_proj = nn.Linear(self.sizes[0], cfg.hidden_size, bias=False)
+        self.heads, self.kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        kv_size = self.kv_heads * self.head_dim
+        self.sizes = [self.heads * self.head_dim, kv_size, kv_size]
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=False)
+        self.o_proj = Linear(self.sizes[0], cfg.hidden_size, bias=False)
         self.rope = rope
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,7 @@ class EagleDrafter(nn.Module):
         super().__init__()
         self.config = cfg
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.layers = nn.ModuleList(EagleLayer(cfg, rope, i) for i in range(cfg.num_hidden_layers))
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)   # [V, H]
         ids = None if head_token_ids is None else head_token_ids.long()
@@ -153,7 +158,7 @@ class EagleDrafter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` -> ``[..., K]`` (or ``[..., V]`` without a truncated head)."""
-        return F.linear(hidden, self.head_weight.to(hidden.dtype))
+        return linear(hidden, self.head_weight.to(hidden.dtype))
 
     def to_target_ids(self, head_ids: torch.Tensor) -> torch.Tensor:
         """Indices into ``logits``' last dim -> target vocabulary ids."""
@@ -188,8 +193,10 @@ def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.
     own = {k: v for k, v in sd.items() if k.startswith("fc.")}
     for i in range(num_layers):
         p = f"layers.{i}."
-        own[p + "self_attn.qkv_proj.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        own[p + "mlp.gate_up_proj.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        own[p + "self_attn.qkv_proj.weight"] = torch.cat(
+            [sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        own[p + "mlp.gate_up_proj.weight"] = torch.cat(
+            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
         for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight",
                      "input_layernorm.weight"):
             if p + name in sd:
@@ -208,7 +215,8 @@ def _eagle_state(drafter: EagleDrafter) -> dict[str, torch.Tensor]:
             out[p + f"self_attn.{n}_proj.weight"] = w
         gate, up = sd[p + "mlp.gate_up_proj.weight"].chunk(2)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out.update({k: v for k, v in sd.items() if k.startswith(p) and "qkv_proj" not in k and "gate_up" not in k})
+        fused = ("qkv_proj", "gate_up_proj")
+        out.update({k: v for k, v in sd.items() if k.startswith(p) and not any(f in k for f in fused)})
     return out
 
 
@@ -261,5 +269,6 @@ def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
     head_ids = sd.pop("head_token_ids", None)
     embed_w, head_w = _weight(embed), _weight(lm_head)
     drafter = EagleDrafter(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
-    drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in _own_state(sd, cfg.num_hidden_layers).items()})
+    own = _own_state(sd, cfg.num_hidden_layers)
+    drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in own.items()})
     return drafter.eval()

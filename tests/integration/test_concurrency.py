@@ -68,21 +68,20 @@ def test_streaming_client_disconnect_aborts(server_url, model_id, scrape, wait_i
     body = {"model": model_id, "temperature": 0, "max_tokens": 2000, "stream": True}
     body.update({"messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}
                 if "chat" in path else {"prompt": COUNT})
-    with httpx.Client(base_url=server_url, timeout=60.0) as c:
-        with c.stream("POST", path, json=body) as r:
-            assert r.status_code == 200
-            got = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    assert line != "data: [DONE]"
-                    json.loads(line.removeprefix("data: "))
-                    got += 1
-                    if got == 3:
-                        # (checked before leaving the loop: closing the line iterator closes the connection)
-                        assert scrape("treespec_num_requests_running") == 1.0
-                        assert scrape("treespec_kv_cache_usage_ratio") > 0.0
-                        break
-            assert got == 3
+    with httpx.Client(base_url=server_url, timeout=60.0) as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                assert line != "data: [DONE]"
+                json.loads(line.removeprefix("data: "))
+                got += 1
+                if got == 3:
+                    # (checked before leaving the loop: closing the line iterator closes the connection)
+                    assert scrape("treespec_num_requests_running") == 1.0
+                    assert scrape("treespec_kv_cache_usage_ratio") > 0.0
+                    break
+        assert got == 3
     # connection closed: the server must abort the request and free its KV blocks
     wait_idle(10)
     assert scrape("treespec_num_requests_running") == 0.0
@@ -93,9 +92,8 @@ def test_non_streaming_client_timeout_aborts(server_url, model_id, scrape, wait_
     wait_idle()
     body = {"model": model_id, "prompt": COUNT, "temperature": 0, "max_tokens": 2000}
     start = time.monotonic()
-    with httpx.Client(base_url=server_url, timeout=1.5) as c:
-        with pytest.raises(httpx.TimeoutException):
-            c.post("/v1/completions", json=body)
+    with httpx.Client(base_url=server_url, timeout=1.5) as c, pytest.raises(httpx.TimeoutException):
+        c.post("/v1/completions", json=body)
     assert time.monotonic() - start < 30
     # 2000 tokens take minutes on this CPU, so it is still running right after the client gave up
     assert scrape("treespec_num_requests_running") == 1.0
@@ -110,12 +108,11 @@ def test_disconnect_during_n2_stream_aborts_all_choices(server_url, model_id, sc
     wait_idle()
     body = {"model": model_id, "prompt": COUNT, "temperature": 0, "max_tokens": 2000, "n": 2,
             "stream": True}
-    with httpx.Client(base_url=server_url, timeout=60.0) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            for _ in range(4):
-                while not next(lines).startswith("data: "):
-                    pass
-            wait_running(scrape, 2)
-            lines.close()
+    with httpx.Client(base_url=server_url, timeout=60.0) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            while not next(lines).startswith("data: "):
+                pass
+        wait_running(scrape, 2)
+        lines.close()
     wait_idle(10)

@@ -1,0 +1,87 @@
+"""``treespec train-drafter``: extract target features (when missing), then train a drafter.
+
+Methods plug in through ``TRAINERS``: a name mapped to ``"module:function"``, where the function
+takes ``(args, target_config, embed_weight, lm_head_weight)`` and returns a JSON-able summary.
+Every method reads the same feature shards (``drafters/train/features.py``) from ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drafters.train.features import add_feature_flags, features_complete, run_features, run_key
+
+log = logging.getLogger(__name__)
+
+TRAINERS: dict[str, str] = {
+    "eagle": "drafters.train.cli:train_eagle_from_args",
+}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Feature-extraction flags plus the training flags shared by every method."""
+    parser.add_argument("--method", choices=sorted(TRAINERS), default="eagle", help="drafter to train")
+    add_feature_flags(parser)
+    g = parser.add_argument_group("training")
+    g.add_argument("--out", required=True, help="output folder for the drafter checkpoint and logs")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--batch-size", type=int, default=8, help="windows per optimiser step")
+    g.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    g.add_argument("--head-vocab", type=int, default=None,
+                   help="train a truncated LM head over the K most frequent assistant tokens (FR-Spec)")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    g.add_argument("--val-shards", type=int, default=1, help="feature shards held out for evaluation")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--resume", action="store_true", help="continue from the saved training state")
+
+
+def target_head(model_dir: str | Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The target's HF config, token embedding ``[V, H]`` and LM head ``[V, H]`` (tied when absent)."""
+    from server.models.loader import load_weights
+
+    config, state = load_weights(model_dir)
+    embed = state["model.embed_tokens.weight"]
+    return config, embed, state.get("lm_head.weight", embed)
+
+
+def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
+                          lm_head: torch.Tensor) -> dict[str, Any]:
+    """Run ``drafters.train.eagle.train_eagle`` with the command-line settings."""
+    from drafters.train.eagle import TrainConfig, train_eagle
+
+    cfg = TrainConfig(work=args.work, out=args.out, state=str(Path(args.work) / "train_state.pt"),
+                      lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                      max_minutes=args.max_minutes, warmup=args.warmup, max_len=args.max_len,
+                      head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
+                      seed=args.seed, resume=args.resume)
+    return train_eagle(cfg, target_config, embed, lm_head)
+
+
+def _trainer(method: str):
+    module, _, name = TRAINERS[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Features (unless ``--work`` already holds a complete set), then the chosen method's training."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = run_key(args.model, args.data, args.limit, args.max_len, args.seed, args.shard_size)
+    if features_complete(args.work, run):
+        log.info("using the features in %s", args.work)
+    else:
+        run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
+                     args.shard_size, args.batch_tokens)
+    target_config, embed, lm_head = target_head(args.model)
+    summary = _trainer(args.method)(args, target_config, embed, lm_head)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return summary

@@ -1,0 +1,206 @@
+"""Target-feature extraction for drafter training.
+
+Each record (``prompt``, ``response``) is rendered with the target's chat template, tokenised,
+truncated to ``max_len`` and run through the target. The last hidden state (post final RMSNorm,
+the EAGLE feature) is stored per token. Records are shuffled with ``seed``, split into shards
+of ``shard_size`` records and written as ``shard_00000.pt`` dicts::
+
+    input_ids  int32 [N]       features  fp16 [N, H]      loss_mask  bool [N] (assistant tokens)
+    offsets    int64 [R + 1]   record_ids list[str]
+
+Finished shards are skipped on a rerun (resumable). ``token_freq.pt`` (int64 ``[V]``, counts of
+assistant tokens, for FR-Spec truncated heads) and ``meta.json`` (``"complete": true``) close a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+META_FILE = "meta.json"
+FREQ_FILE = "token_freq.pt"
+_RUN_KEYS = ("model", "data", "limit", "max_len", "seed", "shard_size")
+
+
+def load_records(path: str | Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """Records of a JSONL file (``id``, ``prompt``, ``response``), shuffled by ``seed``, first ``limit``."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    random.Random(seed).shuffle(records)
+    return records[:limit] if limit else records
+
+
+def tokenize_record(tokenizer: Any, record: dict[str, Any], max_len: int) -> tuple[list[int], list[bool]]:
+    """Chat-template token ids (truncated to ``max_len``) and a mask that is True on assistant tokens."""
+    user = [{"role": "user", "content": record["prompt"]}]
+    full = user + [{"role": "assistant", "content": record["response"]}]
+    text = tokenizer.apply_chat_template(full, tokenize=False)
+    prefix_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
+    start = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+    ids = ids[:max_len]
+    return ids, [i >= start for i in range(len(ids))]
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices of similar length so that ``max length * count <= batch_tokens`` (at least one each)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and lengths[i] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.inference_mode()
+def target_features(model: Any, batch: list[list[int]]) -> list[torch.Tensor]:
+    """Post-norm last hidden states of a right-padded batch: one ``[n_i, H]`` fp32 tensor per sequence."""
+    longest = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), longest, dtype=torch.long)   # [B, T]
+    attention = torch.zeros(len(batch), longest, dtype=torch.long)   # [B, T]
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+    out = model.model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
+    hidden = out.hidden_states[-1]                                   # [B, T, H]
+    return [hidden[row, :len(ids)].float() for row, ids in enumerate(batch)]
+
+
+@torch.inference_mode()
+def check_post_norm(model: Any, ids: list[int]) -> None:
+    """Raise unless the last hidden state equals the output of the target's final norm."""
+    captured: list[torch.Tensor] = []
+    hook = model.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        feature = target_features(model, [ids])[0]                   # [n, H]
+    finally:
+        hook.remove()
+    if not torch.allclose(feature, captured[0][0].float(), atol=1e-5):
+        raise RuntimeError("the last hidden state is not the post-norm feature")
+
+
+def extract_shard(model: Any, tokenizer: Any, records: list[dict[str, Any]], max_len: int,
+                  batch_tokens: int, progress: tqdm | None = None) -> dict[str, Any]:
+    """Features of one shard's records (batched by similar length), concatenated in record order."""
+    encoded = [tokenize_record(tokenizer, r, max_len) for r in records]
+    feats: list[torch.Tensor | None] = [None] * len(records)
+    for batch in length_batches([len(ids) for ids, _ in encoded], batch_tokens):
+        for i, f in zip(batch, target_features(model, [encoded[i][0] for i in batch])):
+            feats[i] = f.half()
+        if progress is not None:
+            progress.update(len(batch))
+    lengths = torch.tensor([len(ids) for ids, _ in encoded])
+    return {
+        "input_ids": torch.tensor([t for ids, _ in encoded for t in ids], dtype=torch.int32),  # [N]
+        "features": torch.cat(feats),                                                          # [N, H]
+        "loss_mask": torch.tensor([m for _, mask in encoded for m in mask], dtype=torch.bool),  # [N]
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),           # [R + 1]
+        "record_ids": [str(r.get("id", "")) for r in records],
+    }
+
+
+def shard_paths(work: str | Path) -> list[Path]:
+    return sorted(Path(work).glob("shard_*.pt"))
+
+
+def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
+    """True when ``work`` holds a finished extraction of ``run``; raises if it holds another run's."""
+    meta_file = Path(work) / META_FILE
+    if not meta_file.is_file():
+        return False
+    old = json.loads(meta_file.read_text())
+    differs = {k: (old.get(k), run[k]) for k in _RUN_KEYS if old.get(k) != run[k]}
+    if differs:
+        raise ValueError(f"{work} holds features of another run {differs}; use a new work dir")
+    return bool(old.get("complete"))
+
+
+def token_frequencies(work: str | Path, vocab_size: int) -> torch.Tensor:
+    """Counts ``[V]`` of assistant tokens over every shard (memory-mapped: features are not read)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for path in shard_paths(work):
+        shard = torch.load(path, mmap=True, weights_only=True)
+        counts += torch.bincount(shard["input_ids"][shard["loss_mask"]].long(), minlength=vocab_size)
+    return counts
+
+
+def extract_features(model: Any, tokenizer: Any, records: list[dict[str, Any]], work: str | Path,
+                     run: dict[str, Any], shard_size: int = 250, max_len: int = 512,
+                     batch_tokens: int = 4096) -> dict[str, Any]:
+    """Write every missing shard of ``records`` under ``work``, then the token counts; returns the meta."""
+    out = Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    features_complete(out, run)
+    (out / META_FILE).write_text(json.dumps({**run, "complete": False}, indent=2))
+    check_post_norm(model, tokenize_record(tokenizer, records[0], max_len)[0])
+    starts = range(0, len(records), shard_size)
+    todo = [s for s in starts if not (out / f"shard_{s // shard_size:05d}.pt").is_file()]
+    with tqdm(total=sum(len(records[s:s + shard_size]) for s in todo), desc="features", unit="rec") as bar:
+        for start in todo:
+            chunk = records[start:start + shard_size]
+            shard = extract_shard(model, tokenizer, chunk, max_len, batch_tokens, bar)
+            path = out / f"shard_{start // shard_size:05d}.pt"
+            torch.save(shard, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+    counts = token_frequencies(out, model.config.vocab_size)
+    torch.save(counts, out / FREQ_FILE)
+    meta = {**run, "complete": True, "num_records": len(records), "num_shards": len(starts),
+            "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
+            "assistant_tokens": int(counts.sum())}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len: int, seed: int,
+            shard_size: int) -> dict[str, Any]:
+    """The settings that identify an extraction (a rerun must match them to resume)."""
+    return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
+            "shard_size": shard_size}
+
+
+def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limit: int | None = None,
+                 max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096) -> dict:
+    """Load the target (transformers, fp32) and its tokenizer from ``model_dir`` and extract features."""
+    from transformers import AutoModelForCausalLM
+
+    from server.models.loader import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    run = run_key(model_dir, data, limit, max_len, seed, shard_size)
+    return extract_features(model, load_tokenizer(model_dir), load_records(data, limit, seed), work, run,
+                            shard_size, max_len, batch_tokens)
+
+
+def add_feature_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``python -m drafters.train.features`` and ``treespec train-drafter``."""
+    parser.add_argument("--model", required=True, help="target model folder (Hugging Face safetensors)")
+    parser.add_argument("--data", required=True, help="JSONL with prompt/response records")
+    parser.add_argument("--work", required=True, help="folder for feature shards")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N records (after shuffling)")
+    parser.add_argument("--max-len", type=int, default=512, help="truncate sequences to N tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=250, help="records per shard")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per target forward")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_feature_flags(parser)
+    args = parser.parse_args(argv)
+    meta = run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
+                        args.shard_size, args.batch_tokens)
+    print(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    main()
