@@ -249,12 +249,25 @@ def _weight(module_or_tensor: nn.Module | torch.Tensor) -> torch.Tensor:
     return module_or_tensor if isinstance(module_or_tensor, torch.Tensor) else module_or_tensor.weight
 
 
+FREQ_FILE = "token_freq.pt"  # int64 [V] token counts shipped beside a checkpoint (FR-Spec head choice)
+
+
+def frequent_tokens(directory: str | Path, k: int) -> torch.Tensor:
+    """The ``k`` most frequent token ids (ascending) from ``token_freq.pt`` beside a checkpoint."""
+    f = Path(directory) / FREQ_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is needed to choose a truncated drafter head")
+    counts = torch.load(f, weights_only=True)
+    return counts.topk(min(k, counts.numel())).indices.sort().values
+
+
 def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
-                    lm_head: nn.Module | torch.Tensor) -> EagleDrafter:
+                    lm_head: nn.Module | torch.Tensor, head_vocab: int | None = None) -> EagleDrafter:
     """Load a treespec or SafeAILab EAGLE-1/2 checkpoint onto the target's ``embed`` and ``lm_head``.
 
     Accepts ``model.safetensors`` or ``pytorch_model.bin``; keys may carry a prefix and may include
-    ``embed_tokens.weight``, which is ignored (the target's embedding is used).
+    ``embed_tokens.weight``, which is ignored (the target's embedding is used). ``head_vocab``
+    overrides the checkpoint's head: 0 = full vocabulary, K = the K most frequent tokens.
     """
     folder = Path(directory)
     cfg_dict = json.loads((folder / "config.json").read_text())
@@ -267,6 +280,8 @@ def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
         raise FileNotFoundError(f"no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE} in {folder}")
     sd = _strip_prefix(raw)
     head_ids = sd.pop("head_token_ids", None)
+    if head_vocab is not None:
+        head_ids = frequent_tokens(folder, head_vocab) if head_vocab else None
     embed_w, head_w = _weight(embed), _weight(lm_head)
     drafter = EagleDrafter(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
     own = _own_state(sd, cfg.num_hidden_layers)

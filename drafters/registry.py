@@ -27,7 +27,7 @@ def _eagle(cfg, target) -> Drafter:
     path = cfg.drafter_path or SHIPPED.get(cfg.model)
     if path is None:
         raise ValueError("--drafter eagle needs --drafter-path (an EAGLE checkpoint folder) for this model")
-    net = load_checkpoint(path, target.embed_tokens, target.lm_head)
+    net = load_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
     drafter = EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
     drafter.acceptance_profile = load_acceptance_profile(Path(path))
     return drafter

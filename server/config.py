@@ -36,6 +36,8 @@ class ServerConfig(BaseModel):
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
     draft_depth: int = Field(5, ge=1, le=32, description="Tree drafters: expansion depth (max draft length - 1)")
     draft_top_k: int = Field(4, ge=1, le=64, description="Tree drafters: children per node and frontier width")
+    draft_head_vocab: int | None = Field(None, ge=0, description="EAGLE head: K most frequent tokens (FR-Spec); "
+                                                                "0 = full vocabulary; default: the checkpoint's")
     calibrate_tree: bool = Field(True, description="At start-up, time verify cost against tree size and pick the "
                                                   "budget (<= max_draft_tokens) with the best tokens per second")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")

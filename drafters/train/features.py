@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from drafters.eagle_model import FREQ_FILE
+
 META_FILE = "meta.json"
-FREQ_FILE = "token_freq.pt"
 _RUN_KEYS = ("model", "data", "limit", "max_len", "seed", "shard_size")
 
 

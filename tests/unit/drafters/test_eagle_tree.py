@@ -76,3 +76,18 @@ def test_random_eagle_drafter_is_lossless(tiny, batch):
         assert got[f"r{i}"] == reference_greedy(hf, p, 25)
     assert all(r.spec.verify_steps > 0 and r.spec.drafted_tokens > 0 for r in reqs)
     assert engine.scheduler.kv.pool.usage == 0.0 and not engine.runner.drafter.states
+
+
+def test_head_vocab_override_uses_shipped_frequencies(tiny, tmp_path):
+    from drafters.eagle_model import FREQ_FILE, load_checkpoint, save_checkpoint
+
+    _, target, net = tiny
+    save_checkpoint(tmp_path, net, net.config)
+    counts = torch.zeros(211, dtype=torch.long)
+    counts[[7, 3, 150, 42, 9]] = torch.tensor([50, 40, 30, 20, 10])
+    torch.save(counts, tmp_path / FREQ_FILE)
+    top3 = load_checkpoint(tmp_path, target.embed_tokens, target.lm_head, head_vocab=3)
+    assert top3.head_token_ids.tolist() == [3, 7, 150]
+    assert top3.logits(torch.randn(2, 64)).shape == (2, 3)
+    full = load_checkpoint(tmp_path, target.embed_tokens, target.lm_head, head_vocab=0)
+    assert full.head_token_ids is None and full.logits(torch.randn(1, 64)).shape == (1, 211)
