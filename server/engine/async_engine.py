@@ -90,8 +90,8 @@ class AsyncEngine:
                     self.engine.add_request(rid, ids, params)
                 except Exception as exc:  # validated by the API already; report, don't die
                     self._deliver(rid, exc)
-            else:
-                self.engine.abort(msg[1])
+            elif self.engine.abort(msg[1]) is not None and self.on_stats is not None:
+                self.on_stats(self.engine.idle_stats(finished_reasons=["abort"]))
 
     def _loop(self) -> None:
         while not self._stop:

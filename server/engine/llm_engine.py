@@ -54,6 +54,12 @@ class LLMEngine:
             return None
         return self._finish_output(req, [], "")
 
+    def idle_stats(self, **fields) -> StepStats:
+        """Stats for an event outside a step (an abort): current occupancy, no tokens."""
+        return StepStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                         kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=0, num_generation_tokens=0,
+                         step_time=0.0, **fields)
+
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         start = time.monotonic()
         sched = self.scheduler.schedule()
