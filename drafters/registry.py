@@ -17,14 +17,19 @@ def _lookup(cfg, target) -> Drafter:
     return LookupDrafter(max_tree_tokens=cfg.max_draft_tokens)
 
 
-SHIPPED = {"default": Path(__file__).resolve().parent / "checkpoints" / "smollm2-eagle"}
+SHIPPED = {"SmolLM2-135M-Instruct": Path(__file__).resolve().parent / "checkpoints" / "smollm2-eagle"}
+
+
+def shipped_drafter(model: str) -> Path | None:
+    """The drafter shipped for a model given as ``default`` or a path to the embedded model's folder."""
+    return SHIPPED["SmolLM2-135M-Instruct"] if model == "default" else SHIPPED.get(Path(model).name)
 
 
 def _eagle(cfg, target) -> Drafter:
     from drafters.eagle import EagleTreeDrafter
     from drafters.eagle_model import load_checkpoint
 
-    path = cfg.drafter_path or SHIPPED.get(cfg.model)
+    path = cfg.drafter_path or shipped_drafter(cfg.model)
     if path is None:
         raise ValueError("--drafter eagle needs --drafter-path (an EAGLE checkpoint folder) for this model")
     net = load_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
