@@ -14,10 +14,10 @@ run() {  # name, extra flags...
     2>/dev/null | tail -n 2 | head -n 1
 }
 run plain --drafter none
-for head in 1024 4096 16384 0; do
+for head in 2048 8192 0; do
   run "head${head}_n8_d4_k4" --drafter eagle --draft-head-vocab "$head" --max-draft-tokens 8 --draft-depth 4 --draft-top-k 4
 done
-for shape in "4 3 2" "8 4 2" "8 5 4" "16 5 4" "16 6 8" "24 6 8"; do
+for shape in "4 3 2" "8 4 2" "16 5 4"; do
   set -- $shape
   run "n$1_d$2_k$3" --drafter eagle --max-draft-tokens "$1" --draft-depth "$2" --draft-top-k "$3"
 done
