@@ -6,7 +6,7 @@ MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test test-fast bench lint clean
+.PHONY: install model serve test test-fast test-e2e bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ serve: install model
 
 test: install model
 	$(PY) -m pytest -q
+
+test-e2e: install model
+	$(PY) -m pytest -q -m e2e tests/e2e
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests/unit
