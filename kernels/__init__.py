@@ -21,4 +21,4 @@ def get_backend(device: str = "cpu", name: str | None = None):
     return reference
 
 
-__all__ = ["AttentionMetadata", "SeqAttention", "build_metadata", "slots_for", "get_backend", "reference"]
+__all__ = ["AttentionMetadata", "SeqAttention", "build_metadata", "get_backend", "reference", "slots_for"]

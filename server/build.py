@@ -50,7 +50,7 @@ def calibrate_budget(runner: ModelRunner, drafter, cfg: ServerConfig) -> int:
     sizes = sorted({n for n in (4, 8, 12, 16, 24, 32, 48, 64) if n < cfg.max_draft_tokens} | {cfg.max_draft_tokens})
     costs = measure_verify_cost(runner, sizes)
     profile = getattr(drafter, "acceptance_profile", None)
-    budget, rate = choose_budget(costs, profile)
+    budget, _ = choose_budget(costs, profile)
     log.info("tree calibration (%s acceptance profile): %s -> budget %d", "measured" if profile else "heuristic",
              ", ".join(f"{n}: {1000 * costs[n]:.1f} ms" for n in sizes), budget)
     return budget

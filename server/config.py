@@ -44,7 +44,7 @@ class ServerConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ServerConfig":
+    def from_yaml(cls, path: str | Path, **overrides) -> ServerConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)

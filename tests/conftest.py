@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import tiny_hf_config  # noqa: E402
+from helpers import tiny_hf_config
 
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 

@@ -9,8 +9,15 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.api.protocol import (ChatCompletionRequest, CompletionRequest, envelope, error_body, new_id, now,
-                                 usage)
+from server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    envelope,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 from server.api.serving import APIError, Job, ServingState, run_jobs, speculation_stats
 
 router = APIRouter()

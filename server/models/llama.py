@@ -37,7 +37,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
         """Build from a Hugging Face ``config.json`` dict (Llama, Qwen2, Mistral)."""
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

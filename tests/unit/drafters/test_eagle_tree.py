@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import hf_model_from, native_from, reference_greedy, run_to_completion, tiny_engine, tiny_hf_config
+from helpers import (
+    hf_model_from,
+    native_from,
+    reference_greedy,
+    run_to_completion,
+    tiny_engine,
+    tiny_hf_config,
+)
 
 from drafters.base import AcceptUpdate, DraftRequest
 from drafters.eagle import EagleTreeDrafter

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import (hf_model_from, native_from, reference_greedy, run_to_completion, tiny_engine,
-                     tiny_hf_config)
+from helpers import (
+    hf_model_from,
+    native_from,
+    reference_greedy,
+    run_to_completion,
+    tiny_engine,
+    tiny_hf_config,
+)
 
 from server.engine.llm_engine import RequestTooLong
 from server.engine.request import SamplingParams

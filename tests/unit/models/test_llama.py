@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import hf_model_from, make_kv, native_from, tiny_hf_config
+
 from kernels import SeqAttention, build_metadata
 
 

@@ -6,8 +6,14 @@ import random
 
 import pytest
 import torch
-
-from helpers import hf_model_from, native_from, reference_greedy, run_to_completion, tiny_engine, tiny_hf_config
+from helpers import (
+    hf_model_from,
+    native_from,
+    reference_greedy,
+    run_to_completion,
+    tiny_engine,
+    tiny_hf_config,
+)
 
 from drafters.base import Drafter
 from drafters.lookup import LookupDrafter
