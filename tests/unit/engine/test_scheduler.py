@@ -48,7 +48,7 @@ def test_max_num_seqs():
 
 
 def test_preemption_by_recompute_and_resume():
-    s, kv = make(num_blocks=4, block_size=4)
+    s, _ = make(num_blocks=4, block_size=4)
     a, b = req("a", n=7), req("b", n=7)
     s.add(a)
     s.add(b)

@@ -7,25 +7,15 @@ import random
 import pytest
 import torch
 from helpers import (
-    hf_model_from,
-    native_from,
     reference_greedy,
     run_to_completion,
     tiny_engine,
-    tiny_hf_config,
 )
 
 from drafters.base import Drafter
 from drafters.lookup import LookupDrafter
 from drafters.tree import DraftTree
 from server.engine.request import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    cfg = tiny_hf_config()
-    hf = hf_model_from(cfg)
-    return hf, native_from(cfg, hf.state_dict())
 
 
 class OracleDrafter(Drafter):
