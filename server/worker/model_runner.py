@@ -86,23 +86,17 @@ class ModelRunner:
         meta = build_metadata(seqs, self.kv.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             self.kv_caches, meta)                                  # [T, hidden]
-        wanted, offset = [], 0                                                      # rows that need logits
-        for seq in seqs:
-            tree_rows = seq.tree_mask is not None
-            wanted.extend(range(offset, offset + seq.num_new) if tree_rows else [offset + seq.num_new - 1])
-            offset += seq.num_new
+        n_logits = [seq.num_new if seq.tree_mask is not None else 1 for seq in seqs]  # every tree row, else last
+        ends = torch.tensor([seq.num_new for seq in seqs]).cumsum(0).tolist()
+        wanted = [i for end, n in zip(ends, n_logits) for i in range(end - n, end)]
         logits = self.model.compute_logits(hidden[wanted]).float()                 # [R, V]
         t2 = time.perf_counter()
-        out, updates, offset, row = RunnerOutput(), [], 0, 0
-        for s, seq in zip(sched.scheduled, seqs):
-            n_logits = seq.num_new if seq.tree_mask is not None else 1
-            update = self._finish_request(s, hidden[offset:offset + seq.num_new], logits[row:row + n_logits],
-                                          trees.get(s.request.request_id), out)
-            offset += seq.num_new
-            row += n_logits
-            if update is not None:
-                updates.append(update)
-        if self.drafter is not None and updates:
+        out, updates, row = RunnerOutput(), [], 0
+        for s, seq, end, n in zip(sched.scheduled, seqs, ends, n_logits):
+            updates.append(self._finish_request(s, hidden[end - seq.num_new:end], logits[row:row + n],
+                                                trees.get(s.request.request_id), out))
+            row += n
+        if self.drafter is not None:
             self.drafter.on_accept(updates)
         out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": time.perf_counter() - t2}
         return out
@@ -136,12 +130,12 @@ class ModelRunner:
 
     def _compact(self, rid: str, start: int, result: AcceptResult) -> None:
         """Move accepted nodes' KV from their tree slots to contiguous slots after the root."""
-        moves = [(start + 1 + node, start + 1 + i) for i, node in enumerate(result.nodes) if node != i]
+        moves = [(node, i) for i, node in enumerate(result.nodes) if node != i]   # (tree index, depth - 1)
         if not moves:
             return
-        table = self.kv.block_table(rid)
-        src = torch.tensor([slots_for(table, a, a + 1, self.kv.block_size)[0] for a, _ in moves], device=self.device)
-        dst = torch.tensor([slots_for(table, b, b + 1, self.kv.block_size)[0] for _, b in moves], device=self.device)
+        tree_slots = slots_for(self.kv.block_table(rid), start + 1, start + 2 + result.nodes[-1], self.kv.block_size)
+        src = torch.from_numpy(tree_slots[[a for a, _ in moves]]).to(self.device)
+        dst = torch.from_numpy(tree_slots[[b for _, b in moves]]).to(self.device)
         for k_cache, v_cache in self.kv_caches:
             self.model.backend.copy_slots(k_cache, v_cache, src, dst)
 
