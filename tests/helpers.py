@@ -91,6 +91,27 @@ def reference_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: tupl
     return out
 
 
+def random_prompts(n: int, seed: int, min_len: int, max_len: int, vocab: int = 211) -> list[list[int]]:
+    """``n`` prompts of random length in [min_len, max_len) over token ids 3 .. vocab - 1."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(min_len, max_len, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def assert_matches_reference(engine, hf_model, prompts: list[list[int]], max_tokens: int) -> list:
+    """Greedy-run every prompt together; each output must equal plain greedy decoding and the KV pool
+    must be free afterwards. Returns the engine's ``Request`` objects (for further checks)."""
+    from server.engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    reqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    got = run_to_completion(engine, {})
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == reference_greedy(hf_model, p, max_tokens), f"prompt {i}"
+    assert engine.scheduler.kv.pool.usage == 0.0
+    return reqs
+
+
 def run_to_completion(engine, requests: dict[str, tuple[list[int], object]]) -> dict[str, list[int]]:
     """Add all requests, step until idle, return generated token ids per request id."""
     for rid, (ids, params) in requests.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    assert_matches_reference,
+    random_prompts,
     reference_greedy,
     run_to_completion,
     tiny_engine,
@@ -14,10 +16,8 @@ from server.engine.llm_engine import RequestTooLong
 from server.engine.request import SamplingParams
 
 
-def prompts(n: int, vocab: int = 211) -> list[list[int]]:
-    g = torch.Generator().manual_seed(5)
-    return [torch.randint(3, vocab, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+def prompts(n: int) -> list[list[int]]:
+    return random_prompts(n, seed=5, min_len=3, max_len=30)
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -56,13 +56,8 @@ def test_greedy_continuous_batching_equals_reference(tiny_pair):
 def test_preemption_recompute_keeps_output_identical(tiny_pair):
     hf, model = tiny_pair
     engine = tiny_engine(model, num_blocks=12, block_size=4)  # 48 slots for 4 requests growing to ~38
-    ps = [p[:8] for p in prompts(4)]
-    reqs = [engine.add_request(f"r{i}", p, greedy(30)) for i, p in enumerate(ps)]
-    got = run_to_completion(engine, {})
+    reqs = assert_matches_reference(engine, hf, [p[:8] for p in prompts(4)], 30)
     assert sum(r.num_preemptions for r in reqs) > 0
-    for i, p in enumerate(ps):
-        assert got[f"r{i}"] == reference_greedy(hf, p, 30)
-    assert engine.scheduler.kv.pool.usage == 0.0
 
 
 def test_abort_mid_generation_frees_blocks(tiny_pair):

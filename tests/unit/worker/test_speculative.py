@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from helpers import (
+    assert_matches_reference,
+    random_prompts,
     reference_greedy,
     run_to_completion,
     tiny_engine,
@@ -62,9 +63,7 @@ class RandomTreeDrafter(Drafter):
 
 
 def prompts(n: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(9)
-    return [torch.randint(3, 211, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return random_prompts(n, seed=9, min_len=4, max_len=20)
 
 
 def greedy(n: int) -> SamplingParams:
@@ -75,11 +74,7 @@ def greedy(n: int) -> SamplingParams:
 def test_lookup_drafter_is_lossless(tiny_pair, batch):
     hf, model = tiny_pair
     engine = tiny_engine(model, num_blocks=256, drafter=LookupDrafter(max_tree_tokens=8))
-    ps = prompts(batch)
-    got = run_to_completion(engine, {f"r{i}": (p, greedy(40)) for i, p in enumerate(ps)})
-    for i, p in enumerate(ps):
-        assert got[f"r{i}"] == reference_greedy(hf, p, 40)
-    assert engine.scheduler.kv.pool.usage == 0.0
+    assert_matches_reference(engine, hf, prompts(batch), 40)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -88,25 +83,16 @@ def test_oracle_trees_accept_deep_paths_and_stay_lossless(tiny_pair, batch):
     ps = prompts(batch)
     truth = {tuple(p): reference_greedy(hf, p, 30) for p in ps}
     engine = tiny_engine(model, num_blocks=256, drafter=OracleDrafter(truth))
-    reqs = [engine.add_request(f"r{i}", p, greedy(30)) for i, p in enumerate(ps)]
-    got = run_to_completion(engine, {})
-    for i, p in enumerate(ps):
-        assert got[f"r{i}"] == truth[tuple(p)]
+    reqs = assert_matches_reference(engine, hf, ps, 30)
     taus = [r.spec.mean_acceptance_length for r in reqs]
     assert min(taus) > 3.0, taus  # deep acceptance really happened (5 drafts + bonus per step at most)
-    assert engine.scheduler.kv.pool.usage == 0.0
 
 
 def test_random_trees_under_preemption_are_lossless(tiny_pair):
     hf, model = tiny_pair
     engine = tiny_engine(model, num_blocks=20, block_size=4, drafter=RandomTreeDrafter())
-    ps = [p[:10] for p in prompts(4)]
-    reqs = [engine.add_request(f"r{i}", p, greedy(35)) for i, p in enumerate(ps)]
-    got = run_to_completion(engine, {})
+    reqs = assert_matches_reference(engine, hf, [p[:10] for p in prompts(4)], 35)
     assert sum(r.num_preemptions for r in reqs) > 0
-    for i, p in enumerate(ps):
-        assert got[f"r{i}"] == reference_greedy(hf, p, 35)
-    assert engine.scheduler.kv.pool.usage == 0.0
 
 
 def test_speculative_sampling_runs_and_is_seed_reproducible(tiny_pair):
