@@ -39,13 +39,51 @@ class Pool:
     scores: torch.Tensor
 
 
+class PoolBuilder:
+    """Appends ``[B, n]`` groups of candidate nodes; ``add`` returns their pool indices ``[B, n]``."""
+
+    def __init__(self):
+        self.tokens: list[torch.Tensor] = []
+        self.parents: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.tokens.append(tokens)
+        self.parents.append(parents)
+        self.scores.append(scores)
+        first, self.size = self.size, self.size + tokens.shape[1]
+        return torch.arange(first, self.size).expand(tokens.shape[0], -1)
+
+    def build(self) -> Pool:
+        return Pool(torch.cat(self.tokens, 1), torch.cat(self.parents, 1), torch.cat(self.scores, 1))
+
+
+@dataclass
+class Beam:
+    """The ``k`` frontier nodes of every request after the serial (autoregressive) steps."""
+
+    tokens: torch.Tensor          # [B, k] target token ids
+    feats: torch.Tensor           # [B, k, H] drafter output that predicted each token
+    scores: torch.Tensor          # [B, k] cumulative log-prob
+    nodes: torch.Tensor           # [B, k] pool index
+    prev_tokens: torch.Tensor     # [B, k] the parent's token and feature (the root's: its own)
+    prev_feats: torch.Tensor      # [B, k, H]
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, n, ...]`` gathered at ``index [B, m]`` along dim 1 -> ``[B, m, ...]``."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
 class EagleTreeDrafter(Drafter):
     name = "eagle"
+    default_depth = 5
 
-    def __init__(self, model: EagleDrafter, total_tokens: int = 16, depth: int = 5, top_k: int = 4):
+    def __init__(self, model: EagleDrafter, total_tokens: int = 16, depth: int | None = None, top_k: int = 4):
         self.model = model
         self.max_tree_tokens = total_tokens
-        self.depth, self.top_k = depth, top_k
+        self.depth, self.top_k = depth or self.default_depth, top_k
         self.states: dict[str, _State] = {}
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
@@ -102,33 +140,42 @@ class EagleTreeDrafter(Drafter):
 
     def expand(self, states: list[_State], k: int, depth: int) -> Pool:
         """EAGLE-2 expansion for a batch of requests -> pool of ``k + depth * k * k`` nodes each."""
+        pool = PoolBuilder()
+        self.serial(states, k, depth, pool, all_children=True)
+        return pool.build()
+
+    def serial(self, states: list[_State], k: int, steps: int, pool: PoolBuilder, all_children: bool) -> Beam:
+        """Depth 1 (top ``k`` of each request's last drafter output), then ``steps`` batched drafter
+        forwards on the ``k`` frontier nodes. Each forward scores ``k * k`` children; the best ``k`` by
+        cumulative log-prob form the next frontier. ``all_children``: every child enters the pool
+        (EAGLE-2), else only the survivors (Gumiho)."""
         model = self.model
         past, valid, lens = self._padded_past(states)
         h0 = torch.stack([s.last_hidden for s in states])                            # [B, H]
         batch = h0.shape[0]
         scores, idx = model.logits(h0).float().log_softmax(-1).topk(k, dim=-1)      # [B, k]
         tokens = model.to_target_ids(idx)                                            # [B, k]
-        pool_tokens, pool_parents, pool_scores = [tokens], [torch.full((batch, k), -1)], [scores]
-        frontier = torch.arange(k).expand(batch, k)                                  # pool index of inputs
+        nodes = pool.add(tokens, torch.full((batch, k), -1), scores)                 # [B, k]
         feats = h0.unsqueeze(1).expand(batch, k, h0.shape[-1])                       # [B, k, H]
+        prev_tokens, prev_feats = tokens, feats
         history = torch.zeros(batch, k, 0, dtype=torch.bool)                         # frontier ancestry
         eye = torch.eye(k, dtype=torch.bool).expand(batch, k, k)
-        size = k
-        for i in range(depth):
+        for i in range(steps):
             tree_mask = torch.cat([history, eye], dim=-1)                            # [B, k, (i+1)k]
             mask = torch.cat([valid[:, None, :].expand(batch, k, -1), tree_mask], -1).unsqueeze(1)
             positions = (lens + i)[:, None].expand(batch, k)
             out, past = model(tokens, feats, positions, past, mask)                  # out [B, k, H]
             child_lp, child_idx = model.logits(out).float().log_softmax(-1).topk(k, dim=-1)  # [B, k, k]
             cumulative = (child_lp + scores[:, :, None]).flatten(1)                  # [B, k*k]
-            pool_tokens.append(model.to_target_ids(child_idx).flatten(1))
-            pool_parents.append(frontier.repeat_interleave(k, dim=1))
-            pool_scores.append(cumulative)
+            children = model.to_target_ids(child_idx).flatten(1)                     # [B, k*k]
             scores, sel = cumulative.topk(k, dim=-1)                                 # [B, k]
             parent_slot = sel // k
-            frontier = size + sel
-            size += k * k
-            tokens = pool_tokens[-1].gather(1, sel)
-            feats = out.gather(1, parent_slot[:, :, None].expand(-1, -1, out.shape[-1]))
-            history = tree_mask.gather(1, parent_slot[:, :, None].expand(-1, -1, tree_mask.shape[-1]))
-        return Pool(torch.cat(pool_tokens, 1), torch.cat(pool_parents, 1), torch.cat(pool_scores, 1))
+            if all_children:
+                child_nodes = pool.add(children, nodes.repeat_interleave(k, dim=1), cumulative)
+                nodes = child_nodes.gather(1, sel)
+            else:
+                nodes = pool.add(children.gather(1, sel), nodes.gather(1, parent_slot), scores)
+            prev_tokens, prev_feats = tokens.gather(1, parent_slot), _rows(feats, parent_slot)
+            tokens, feats = children.gather(1, sel), _rows(out, parent_slot)
+            history = _rows(tree_mask, parent_slot)
+        return Beam(tokens, feats, scores, nodes, prev_tokens, prev_feats)

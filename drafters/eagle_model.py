@@ -164,6 +164,11 @@ class EagleDrafter(nn.Module):
         """Indices into ``logits``' last dim -> target vocabulary ids."""
         return head_ids if self.head_token_ids is None else self.head_token_ids[head_ids]
 
+    def fuse(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``fc(cat([embed(x), f]))``: tokens ``[...]``, features ``[..., H]`` -> ``[..., H]``."""
+        dtype = self.fc.weight.dtype
+        return self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))
+
     def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
                 past: KV | None = None, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """Draft ``f̂_{t+1}`` from ``(x_{t+1}, f_t)`` pairs.
@@ -174,8 +179,7 @@ class EagleDrafter(nn.Module):
         including the past, each ``[B, Hkv * layers, P + T, D]`` (layer i owns heads
         ``[i * Hkv, (i + 1) * Hkv)``).
         """
-        dtype = self.fc.weight.dtype
-        x = self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))  # [B, T, H]
+        x = self.fuse(tokens, features)                                              # [B, T, H]
         if attn_mask is None and past is not None:
             attn_mask = causal_mask(tokens.shape[1], past[0].shape[2], tokens.device)
         keys, values = [], []
@@ -189,8 +193,8 @@ class EagleDrafter(nn.Module):
 
 
 def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """EAGLE names (separate q/k/v and gate/up) -> this module's fused names."""
-    own = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    """EAGLE names (separate q/k/v and gate/up) -> this module's fused names (other modules as is)."""
+    own = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     for i in range(num_layers):
         p = f"layers.{i}."
         own[p + "self_attn.qkv_proj.weight"] = torch.cat(
@@ -205,9 +209,9 @@ def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.
 
 
 def _eagle_state(drafter: EagleDrafter) -> dict[str, torch.Tensor]:
-    """This module's fused weights -> EAGLE names."""
+    """This module's fused weights -> EAGLE names (modules outside ``layers`` as is)."""
     cfg, sd = drafter.config, drafter.state_dict()
-    out = {k: v for k, v in sd.items() if k.startswith("fc.")}
+    out = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
@@ -234,10 +238,11 @@ def save_checkpoint(directory: str | Path, drafter: EagleDrafter, config: EagleC
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop any leading prefix before ``fc.`` / ``layers.`` and the (ignored) ``embed_tokens`` key."""
+    """Drop any leading prefix before ``fc.`` / ``layers.`` / ``mlp.`` (Gumiho) and the (ignored)
+    ``embed_tokens`` key."""
     out = {}
     for key, value in sd.items():
-        for anchor in ("fc.", "layers.", "head_token_ids"):
+        for anchor in ("fc.", "layers.", "mlp.", "head_token_ids"):
             at = key.find(anchor)
             if at == 0 or (at > 0 and key[at - 1] == "."):
                 out[key[at:]] = value
@@ -261,6 +266,33 @@ def frequent_tokens(directory: str | Path, k: int) -> torch.Tensor:
     return counts.topk(min(k, counts.numel())).indices.sort().values
 
 
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and the weights (``model.safetensors`` or ``pytorch_model.bin``, any key prefix)."""
+    folder = Path(directory)
+    cfg_dict = json.loads((folder / "config.json").read_text())
+    if (folder / WEIGHTS_FILE).is_file():
+        raw = load_file(str(folder / WEIGHTS_FILE))
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        raw = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE} in {folder}")
+    return cfg_dict, _strip_prefix(raw)
+
+
+def assemble(cls: type[EagleDrafter], cfg: EagleConfig, sd: dict[str, torch.Tensor], folder: str | Path,
+             embed: nn.Module | torch.Tensor, lm_head: nn.Module | torch.Tensor,
+             head_vocab: int | None) -> EagleDrafter:
+    """Build ``cls`` on the target's embedding and LM head and load ``sd`` (EAGLE names) into it."""
+    head_ids = sd.pop("head_token_ids", None)
+    if head_vocab is not None:
+        head_ids = frequent_tokens(folder, head_vocab) if head_vocab else None
+    embed_w, head_w = _weight(embed), _weight(lm_head)
+    drafter = cls(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
+    own = _own_state(sd, cfg.num_hidden_layers)
+    drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in own.items()})
+    return drafter.eval()
+
+
 def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
                     lm_head: nn.Module | torch.Tensor, head_vocab: int | None = None) -> EagleDrafter:
     """Load a treespec or SafeAILab EAGLE-1/2 checkpoint onto the target's ``embed`` and ``lm_head``.
@@ -269,21 +301,5 @@ def load_checkpoint(directory: str | Path, embed: nn.Module | torch.Tensor,
     ``embed_tokens.weight``, which is ignored (the target's embedding is used). ``head_vocab``
     overrides the checkpoint's head: 0 = full vocabulary, K = the K most frequent tokens.
     """
-    folder = Path(directory)
-    cfg_dict = json.loads((folder / "config.json").read_text())
-    cfg = EagleConfig.from_dict(cfg_dict)
-    if (folder / WEIGHTS_FILE).is_file():
-        raw = load_file(str(folder / WEIGHTS_FILE))
-    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        raw = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE} in {folder}")
-    sd = _strip_prefix(raw)
-    head_ids = sd.pop("head_token_ids", None)
-    if head_vocab is not None:
-        head_ids = frequent_tokens(folder, head_vocab) if head_vocab else None
-    embed_w, head_w = _weight(embed), _weight(lm_head)
-    drafter = EagleDrafter(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
-    own = _own_state(sd, cfg.num_hidden_layers)
-    drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in own.items()})
-    return drafter.eval()
+    cfg_dict, sd = read_checkpoint(directory)
+    return assemble(EagleDrafter, EagleConfig.from_dict(cfg_dict), sd, directory, embed, lm_head, head_vocab)

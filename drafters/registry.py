@@ -17,24 +17,44 @@ def _lookup(cfg, target) -> Drafter:
     return LookupDrafter(max_tree_tokens=cfg.max_draft_tokens)
 
 
-SHIPPED = {"SmolLM2-135M-Instruct": Path(__file__).resolve().parent / "checkpoints" / "smollm2-eagle"}
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
+                                     "gumiho": CHECKPOINTS / "smollm2-gumiho"}}
 
 
-def shipped_drafter(model: str) -> Path | None:
-    """The drafter shipped for a model given as ``default`` or a path to the embedded model's folder."""
-    return SHIPPED["SmolLM2-135M-Instruct"] if model == "default" else SHIPPED.get(Path(model).name)
+def shipped_drafter(model: str, method: str = "eagle") -> Path | None:
+    """The ``method`` drafter shipped for a model given as ``default`` or a path to the embedded model's folder."""
+    name = "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
+    return SHIPPED.get(name, {}).get(method)
+
+
+def _checkpoint(cfg, method: str) -> Path:
+    path = cfg.drafter_path or shipped_drafter(cfg.model, method)
+    if path is None:
+        raise ValueError(f"--drafter {method} needs --drafter-path (a {method} checkpoint folder) for this model")
+    return Path(path)
 
 
 def _eagle(cfg, target) -> Drafter:
     from drafters.eagle import EagleTreeDrafter
     from drafters.eagle_model import load_checkpoint
 
-    path = cfg.drafter_path or shipped_drafter(cfg.model)
-    if path is None:
-        raise ValueError("--drafter eagle needs --drafter-path (an EAGLE checkpoint folder) for this model")
+    path = _checkpoint(cfg, "eagle")
     net = load_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
     drafter = EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
-    drafter.acceptance_profile = load_acceptance_profile(Path(path))
+    drafter.acceptance_profile = load_acceptance_profile(path)
+    return drafter
+
+
+def _gumiho(cfg, target) -> Drafter:
+    from drafters.gumiho import GumihoTreeDrafter
+    from drafters.gumiho_model import load_gumiho_checkpoint
+
+    path = _checkpoint(cfg, "gumiho")
+    net = load_gumiho_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
+    drafter = GumihoTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k,
+                                cfg.draft_pruning, cfg.draft_pruning)
+    drafter.acceptance_profile = load_acceptance_profile(path)
     return drafter
 
 
@@ -50,6 +70,7 @@ DRAFTERS: dict[str, Factory] = {
     "none": lambda cfg, target: None,
     "lookup": _lookup,
     "eagle": _eagle,
+    "gumiho": _gumiho,
 }
 
 

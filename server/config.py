@@ -30,12 +30,16 @@ class ServerConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
-    drafter: str = Field("none", description="Speculative drafter: none, lookup, eagle (drafters/registry.py)")
-    drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle; default: the shipped "
-                                                       "drafter of the embedded model)")
+    drafter: str = Field("none", description="Speculative drafter: none, lookup, eagle, gumiho "
+                                             "(drafters/registry.py)")
+    drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
+                                                       "shipped drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
-    draft_depth: int = Field(5, ge=1, le=32, description="Tree drafters: expansion depth (max draft length - 1)")
+    draft_depth: int | None = Field(None, ge=1, le=32, description="Tree drafters: expansion depth (max draft "
+                                                                   "length - 1; default: eagle 5, gumiho 6)")
     draft_top_k: int = Field(4, ge=1, le=64, description="Tree drafters: children per node and frontier width")
+    draft_pruning: int = Field(8, ge=1, le=256, description="Gumiho: tokens per node and nodes kept per MLP depth "
+                                                            "(mlptopk = pruning)")
     draft_head_vocab: int | None = Field(None, ge=0, description="EAGLE head: K most frequent tokens (FR-Spec); "
                                                                 "0 = full vocabulary; default: the checkpoint's")
     calibrate_tree: bool = Field(True, description="At start-up, time verify cost against tree size and pick the "

@@ -122,3 +122,32 @@ def run_to_completion(engine, requests: dict[str, tuple[list[int], object]]) -> 
         for o in outputs:
             got.setdefault(o.request_id, []).extend(o.token_ids)
     return got
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    """Byte tokenizer with a trivial chat template (``<role>content\\n``)."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def word_records(n: int) -> list[dict]:
+    """``n`` prompt/response records whose responses are random sequences of four words."""
+    g = torch.Generator().manual_seed(5)
+    words = ["alpha", "beta", "gamma", "delta"]
+    out = []
+    for i in range(n):
+        picks = torch.randint(0, 4, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
+        out.append({"id": f"r{i}", "prompt": f"q{i}", "response": " ".join(words[j] for j in picks)})
+    return out
+
+
+def tiny_features(work, records: list[dict], shard_size: int, cfg: dict):
+    """Drafter-training features of ``records`` under a random tiny target of ``cfg``: (HF model, meta)."""
+    from drafters.train.features import extract_features
+
+    model = hf_model_from(cfg)
+    run = {"model": "tiny", "data": "mem", "limit": None, "max_len": 48, "seed": 0, "shard_size": shard_size}
+    meta = extract_features(model, ChatByteTokenizer(), records, work, run, shard_size, 48, 256)
+    return model, meta

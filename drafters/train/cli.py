@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 TRAINERS: dict[str, str] = {
     "eagle": "drafters.train.cli:train_eagle_from_args",
+    "gumiho": "drafters.train.cli:train_gumiho_from_args",
 }
 
 
@@ -42,6 +43,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-shards", type=int, default=1, help="feature shards held out for evaluation")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--resume", action="store_true", help="continue from the saved training state")
+    g.add_argument("--state", default=None, help="training state file (default: <work>/<method>_train_state.pt)")
+    g = parser.add_argument_group("gumiho")
+    g.add_argument("--mlp-num", type=int, default=5, help="parallel MLP heads")
+    g.add_argument("--mlp-res-blocks", type=int, default=5, help="residual blocks per MLP head")
+    g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the saved checkpoint weights")
 
 
 def target_head(model_dir: str | Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
@@ -53,17 +60,36 @@ def target_head(model_dir: str | Path) -> tuple[dict[str, Any], torch.Tensor, to
     return config, embed, state.get("lm_head.weight", embed)
 
 
+def train_config(args: argparse.Namespace) -> Any:
+    """The ``TrainConfig`` of the command-line settings."""
+    from drafters.train.loop import TrainConfig
+
+    state = args.state
+    if state is None:
+        legacy = Path(args.work) / "train_state.pt"            # runs before the per-method file name
+        state = str(legacy if args.method == "eagle" and legacy.is_file()
+                    else Path(args.work) / f"{args.method}_train_state.pt")
+    return TrainConfig(work=args.work, out=args.out, state=state, lr=args.lr, batch_size=args.batch_size,
+                       epochs=args.epochs, max_minutes=args.max_minutes, warmup=args.warmup, max_len=args.max_len,
+                       head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
+                       seed=args.seed, resume=args.resume, mlp_num=args.mlp_num,
+                       mlp_res_blocks=args.mlp_res_blocks)
+
+
 def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
                           lm_head: torch.Tensor) -> dict[str, Any]:
     """Run ``drafters.train.eagle.train_eagle`` with the command-line settings."""
-    from drafters.train.eagle import TrainConfig, train_eagle
+    from drafters.train.eagle import train_eagle
 
-    cfg = TrainConfig(work=args.work, out=args.out, state=str(Path(args.work) / "train_state.pt"),
-                      lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                      max_minutes=args.max_minutes, warmup=args.warmup, max_len=args.max_len,
-                      head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
-                      seed=args.seed, resume=args.resume)
-    return train_eagle(cfg, target_config, embed, lm_head)
+    return train_eagle(train_config(args), target_config, embed, lm_head)
+
+
+def train_gumiho_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
+                           lm_head: torch.Tensor) -> dict[str, Any]:
+    """Run ``drafters.train.gumiho.train_gumiho`` with the command-line settings."""
+    from drafters.train.gumiho import train_gumiho
+
+    return train_gumiho(train_config(args), target_config, embed, lm_head, getattr(torch, args.save_dtype))
 
 
 def _trainer(method: str):

@@ -120,7 +120,13 @@ def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
     if not meta_file.is_file():
         return False
     old = json.loads(meta_file.read_text())
-    differs = {k: (old.get(k), run[k]) for k in _RUN_KEYS if old.get(k) != run[k]}
+
+    def same(key: str) -> bool:                  # paths compare by the file they name
+        if key in ("model", "data") and old.get(key) is not None:
+            return Path(old[key]).resolve() == Path(run[key]).resolve()
+        return old.get(key) == run[key]
+
+    differs = {k: (old.get(k), run[k]) for k in _RUN_KEYS if not same(k)}
     if differs:
         raise ValueError(f"{work} holds features of another run {differs}; use a new work dir")
     return bool(old.get("complete"))

@@ -10,18 +10,9 @@ from safetensors.torch import load_file
 
 from drafters.eagle_model import EagleConfig, EagleDrafter, load_checkpoint, save_checkpoint
 from drafters.train.eagle import TrainConfig, train_eagle
-from drafters.train.features import extract_features
-from tests.helpers import ByteTokenizer, hf_model_from, tiny_hf_config
+from tests.helpers import ChatByteTokenizer, tiny_features, tiny_hf_config, word_records
 
 VOCAB, HIDDEN = 260, 64
-
-
-class ChatByteTokenizer(ByteTokenizer):
-    """Byte tokenizer with a trivial chat template (``<role>content\\n``)."""
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
 
 
 def target_cfg() -> dict:
@@ -161,25 +152,12 @@ def test_truncated_head_maps_to_target_ids():
     assert torch.equal(drafter.to_target_ids(best), ids[best])
 
 
-def _records(n: int) -> list[dict]:
-    g = torch.Generator().manual_seed(5)
-    words = ["alpha", "beta", "gamma", "delta"]
-    out = []
-    for i in range(n):
-        picks = torch.randint(0, 4, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
-        out.append({"id": f"r{i}", "prompt": f"q{i}", "response": " ".join(words[j] for j in picks)})
-    return out
-
-
 def _features(tmp_path, records, shard_size: int):
-    model = hf_model_from(target_cfg())
-    run = {"model": "tiny", "data": "mem", "limit": None, "max_len": 48, "seed": 0, "shard_size": shard_size}
-    meta = extract_features(model, ChatByteTokenizer(), records, tmp_path, run, shard_size, 48, 256)
-    return model, meta
+    return tiny_features(tmp_path, records, shard_size, target_cfg())
 
 
 def test_features_shards(tmp_path):
-    records = _records(3)
+    records = word_records(3)
     _, meta = _features(tmp_path, records, shard_size=2)
     assert meta["complete"] and meta["num_shards"] == 2
     shard = torch.load(tmp_path / "shard_00000.pt", weights_only=True)
@@ -204,7 +182,7 @@ def test_features_shards(tmp_path):
 
 
 def test_training_reduces_loss_and_resumes(tmp_path):
-    model, _ = _features(tmp_path / "work", _records(12), shard_size=4)
+    model, _ = _features(tmp_path / "work", word_records(12), shard_size=4)
     embed = model.model.embed_tokens.weight.detach()
     cfg = TrainConfig(work=str(tmp_path / "work"), out=str(tmp_path / "out"), lr=3e-3, batch_size=4,
                       epochs=20, warmup=2, head_vocab=64, log_every=1, save_every=50, seed=0)
