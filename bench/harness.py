@@ -36,6 +36,11 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
     g.add_argument("--verify-cost", action="store_true",
                    help="also time target forwards against tree size (1..128 tokens, 256-token context)")
+    g.add_argument("--compare", nargs="+", default=None, metavar="DRAFTER",
+                   help="compare these drafters at each --budgets value against plain decoding, one run")
+    g.add_argument("--budgets", nargs="+", type=int, default=[16, 32, 64], help="verify budgets for --compare")
+    g.add_argument("--save-acceptance", action="store_true",
+                   help="with --compare: write each drafter's tau by budget as acceptance.json beside its checkpoint")
     g.add_argument("--out", default="bench/results/bench.json", help="output JSON (a PNG is written beside it)")
 
 
@@ -85,21 +90,26 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     questions = load_questions(args.questions, args.limit, args.categories, args.per_category)
     if not questions:
         raise SystemExit(f"no questions selected from {args.questions}")
-    drafter = cfg.drafter
     cfg = cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)})
+    if args.compare:
+        cfg = cfg.model_copy(update={"drafter": "none"})          # each variant builds its own engine
     engine, name = build_engine(cfg)
+    drafter = engine.runner.drafter.name if engine.runner.drafter else "none"   # after auto / calibration
     prompts = build_prompts(engine, questions)
     warm = prompts[:1] * args.warmup
     report: dict = {
         "command": "treespec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {"model": name, "drafter": drafter, "questions": args.questions,
+        "config": {"model": name, "drafter": drafter, "drafter_flag": cfg.drafter,
+                   "draft_budget": engine.scheduler.config.num_lookahead_slots, "questions": args.questions,
                    "num_questions": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype,
                    "max_draft_tokens": cfg.max_draft_tokens, "draft_depth": cfg.draft_depth,
                    "draft_top_k": cfg.draft_top_k},
     }
+    if args.compare:
+        return write_compare(cfg, args, engine, prompts, report)
     profile = StepProfile()
     run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
     rows, wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, drafter, profile)
@@ -135,6 +145,47 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     plot(report, out.with_suffix(".png"))
     print_summary(report, out)
     return report
+
+
+def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, report: dict) -> dict:
+    """``--compare``: every drafter at every budget plus plain decoding -> JSON (with a table) and PNG."""
+    from bench.compare import plot_compare, run_compare, table
+    from drafters.registry import DRAFTERS
+
+    unknown = [d for d in args.compare if d not in DRAFTERS or d == "none"]
+    if unknown or min(args.budgets) < 1:
+        raise SystemExit(f"--compare takes drafters from {sorted(set(DRAFTERS) - {'none'})} and budgets >= 1")
+    report["config"].update(drafter=None, compare=args.compare, budgets=args.budgets)
+    report["compare"] = run_compare(cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
+                                    args.budgets, args.warmup)
+    report["table"] = table(report["compare"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot_compare(report["compare"], out.with_suffix(".png"))
+    if args.save_acceptance:
+        for name in args.compare:
+            save_acceptance(cfg, name, report, out)
+    print("\n".join(report["table"]))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+def save_acceptance(cfg: ServerConfig, name: str, report: dict, source: Path) -> None:
+    """``acceptance.json`` (tau by budget, for start-up calibration) beside the drafter's checkpoint."""
+    from drafters.registry import shipped_drafter
+
+    folder = Path(cfg.drafter_path) if cfg.drafter_path else shipped_drafter(cfg.model, name)
+    if folder is None or not folder.is_dir():
+        print(f"{name}: no checkpoint folder to write acceptance.json to")
+        return
+    runs = [v for v in report["compare"]["variants"].values() if v["drafter"] == name]
+    data = {"tau_by_budget": {str(v["budget"]): round(v["overall"]["tau"], 4) for v in runs},
+            "source": str(source), "date": report["date"], "questions": report["config"]["questions"],
+            "num_questions": report["config"]["num_questions"], "max_new_tokens": report["config"]["max_new_tokens"],
+            "note": "greedy; tree shape per budget as bench/compare.py:shape_for"}
+    (folder / "acceptance.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {folder / 'acceptance.json'}")
 
 
 def print_summary(report: dict, out: Path) -> None:

@@ -66,7 +66,15 @@ def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     return {int(k): float(v) for k, v in json.loads(f.read_text())["tau_by_budget"].items()}
 
 
+def _auto(cfg, target) -> Drafter | None:
+    """EAGLE when the model has a shipped drafter (or ``--drafter-path`` is given), else none."""
+    if cfg.drafter_path is None and shipped_drafter(cfg.model, "eagle") is None:
+        return None
+    return _eagle(cfg, target)
+
+
 DRAFTERS: dict[str, Factory] = {
+    "auto": _auto,
     "none": lambda cfg, target: None,
     "lookup": _lookup,
     "eagle": _eagle,

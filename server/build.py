@@ -15,7 +15,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
 from server.models.loader import load_tokenizer, load_weights
-from server.worker.calibrate import choose_budget, measure_verify_cost
+from server.worker.calibrate import choose_budget, measure_draft_cost, measure_verify_cost
 from server.worker.model_runner import ModelRunner, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,21 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float
 
 
 def calibrate_budget(runner: ModelRunner, drafter, cfg: ServerConfig) -> int:
-    """Measure verify cost on this machine and pick the draft budget (logged)."""
+    """Measure verify and drafting cost on this machine and pick the draft budget (0: speculation off; logged)."""
     sizes = sorted({n for n in (4, 8, 12, 16, 24, 32, 48, 64) if n < cfg.max_draft_tokens} | {cfg.max_draft_tokens})
-    costs = measure_verify_cost(runner, sizes)
+    costs = measure_verify_cost(runner, [0, *sizes])
+    c = runner.model.config
+    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, sizes)
     profile = getattr(drafter, "acceptance_profile", None)
-    budget, _ = choose_budget(costs, profile)
-    log.info("tree calibration (%s acceptance profile): %s -> budget %d", "measured" if profile else "heuristic",
-             ", ".join(f"{n}: {1000 * costs[n]:.1f} ms" for n in sizes), budget)
+    budget, rate = choose_budget(costs, profile, draft)
+    log.info("tree calibration (%s acceptance profile), ms per step = verify + draft: %s -> budget %d",
+             "measured" if profile else "heuristic",
+             ", ".join(f"{n}: {1000 * costs[n]:.1f} + {1000 * draft[n]:.1f}" for n in sizes), budget)
+    if budget == 0:
+        best = max((n for n in rate if n), key=lambda n: rate[n])
+        log.warning("speculation off: plain decoding is predicted faster on this machine (%.1f vs %.1f tokens/s "
+                    "with a %d-node %s tree); --calibrate-tree false forces drafting", rate[0], rate[best], best,
+                    cfg.drafter)
     return budget
 
 
@@ -75,8 +83,12 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
                                           max_len), kv)
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter)
     if drafter is not None and cfg.calibrate_tree:
-        scheduler.config.num_lookahead_slots = drafter.max_tree_tokens = calibrate_budget(runner, drafter, cfg)
+        lookahead = scheduler.config.num_lookahead_slots = drafter.max_tree_tokens = calibrate_budget(
+            runner, drafter, cfg)
+        if lookahead == 0:
+            runner.drafter = drafter = None
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (%d draft tokens)", path,
-             mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len, cfg.drafter, lookahead)
+             mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len,
+             cfg.drafter if drafter is not None else "none", lookahead)
     return LLMEngine(scheduler, runner, tokenizer, max_len, eos), served_name(cfg, path)

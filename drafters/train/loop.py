@@ -8,6 +8,7 @@ gradient clipping, held-out evaluation, resumable state, progress bar, logs and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -63,7 +64,7 @@ class ShardRecords:
         self.index: list[tuple[int, int, int]] = []    # (shard, first token, end token) per record
         for s, shard in enumerate(self.shards):
             bounds = shard["offsets"].tolist()
-            self.index += [(s, a, b) for a, b in zip(bounds, bounds[1:]) if b - a >= 2]
+            self.index += [(s, a, b) for a, b in itertools.pairwise(bounds) if b - a >= 2]
 
     def __len__(self) -> int:
         return len(self.index)

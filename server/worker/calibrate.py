@@ -1,10 +1,13 @@
-"""Verify cost against tree size, measured on the machine that serves, and the tree budget it implies.
+"""Verify and drafting cost against tree size, measured on the machine that serves, and the budget they imply.
 
 ``measure_verify_cost`` times one target forward (plus the LM head over every tree row,
-as verification needs) for a root plus ``n`` tree tokens over a ``context``-token prefix.
-``choose_budget`` picks the budget maximising expected committed tokens per second:
-``tau(n) / cost(n)``, with ``tau(n)`` the drafter's measured acceptance profile when one
-is known, else EAGLE's ``total_token=-1`` rule of thumb (a small bonus for larger trees).
+as verification needs) for a root plus ``n`` tree tokens over a ``context``-token prefix;
+``measure_draft_cost`` times the drafter proposing an ``n``-node tree for one request.
+``choose_budget`` picks the budget maximising expected committed tokens per second,
+``tau(n) / (verify(n) + draft(n))``, with ``tau(n)`` the drafter's measured acceptance profile
+when one is known, else EAGLE's ``total_token=-1`` rule of thumb (a small bonus for larger
+trees). With a measured profile, plain decoding (budget 0: ``1 / verify(0)``) competes too:
+when no tree is predicted to pay for itself on this machine, speculation is switched off.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import time
 import numpy as np
 import torch
 
+from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from kernels import SeqAttention, build_metadata
+from server.engine.request import SamplingParams
 from server.worker.model_runner import ModelRunner
 
 CALIBRATION_ID = "__calibration__"
@@ -55,13 +60,46 @@ def eagle_penalty_tau(n: int) -> float:
     return 1.0 + 0.0125 * n / 8
 
 
-def choose_budget(costs: dict[int, float], tau: dict[int, float] | None = None) -> tuple[int, dict[int, float]]:
-    """Budget maximising ``tau(n) / cost(n)``; ``tau`` measured per budget, interpolated, else heuristic."""
-    sizes = sorted(costs)
+@torch.inference_mode()
+def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, sizes: list[int], context: int = 256,
+                       repeats: int = 3) -> dict[int, float]:
+    """Median seconds of ``drafter.propose`` for one request (``context`` random committed tokens with
+    random features, context pass excluded) at each budget in ``sizes``."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
+    drafter.on_accept([AcceptUpdate(CALIBRATION_ID, 0, tokens[:-1], torch.randn(context, hidden_size, generator=g),
+                                    tokens[-1], reset=True)])
+    try:
+        costs = {}
+        for n in sizes:
+            ask = [DraftRequest(CALIBRATION_ID, tokens, SamplingParams(), n)]
+            times = []
+            for _ in range(repeats + 1):                           # first run warms up (and runs the context)
+                t = time.perf_counter()
+                drafter.propose(ask)
+                times.append(time.perf_counter() - t)
+            costs[n] = float(np.median(times[1:]))
+        return costs
+    finally:
+        drafter.release(CALIBRATION_ID)
+
+
+def choose_budget(costs: dict[int, float], tau: dict[int, float] | None = None,
+                  draft: dict[int, float] | None = None) -> tuple[int, dict[int, float]]:
+    """Budget maximising ``tau(n) / (costs[n] + draft[n])`` and the rate of every candidate.
+
+    ``tau`` is measured per budget (interpolated between, held flat beyond), else heuristic.
+    With a measured ``tau`` and ``costs[0]`` (a plain one-token forward), budget 0 = plain
+    decoding is a candidate with rate ``1 / costs[0]``.
+    """
+    sizes = sorted(n for n in costs if n > 0)
+    draft = draft or {}
     if tau:
         known = sorted(tau)
         tau_at = {n: float(np.interp(n, known, [tau[k] for k in known])) for n in sizes}
     else:
         tau_at = {n: eagle_penalty_tau(n) for n in sizes}
-    rate = {n: tau_at[n] / costs[n] for n in sizes}
-    return max(sizes, key=lambda n: rate[n]), rate
+    rate = {n: tau_at[n] / (costs[n] + draft.get(n, 0.0)) for n in sizes}
+    if tau and 0 in costs:
+        rate[0] = 1.0 / costs[0]
+    return max(rate, key=lambda n: rate[n]), rate

@@ -53,10 +53,10 @@ def reference(default_model_dir, questions):
     return prompts, run(engine, prompts, concurrency=16)
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "eagle"])
+@pytest.mark.parametrize("drafter", ["lookup", "eagle", "gumiho"])
 def test_speculative_greedy_equals_plain_on_mt_bench(default_model_dir, questions, reference, drafter):
-    if drafter == "eagle" and not shipped_drafter("default").is_dir():
-        pytest.fail("the shipped EAGLE drafter for the default model is missing")
+    if drafter != "lookup" and not shipped_drafter("default", drafter).is_dir():
+        pytest.fail(f"the shipped {drafter} drafter for the default model is missing")
     prompts, want = reference
     engine, _ = build_engine(ServerConfig(model=str(default_model_dir), drafter=drafter, num_kv_blocks=2048,
                                           max_draft_tokens=8, calibrate_tree=False))

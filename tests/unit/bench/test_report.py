@@ -43,3 +43,21 @@ def test_plot_writes_png(tmp_path):
     out = tmp_path / "r.png"
     plot(json.loads(json.dumps(report)), out)
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_table_and_plot(tmp_path):
+    from bench.compare import plot_compare, shape_for, table
+
+    base = [row(1, "a", 10, 1.0), row(2, "b", 10, 1.0)]
+    fast = [row(1, "a", 10, 0.5, steps=4, acc=6), row(2, "b", 10, 1.0, steps=10, acc=0)]
+    compare = {"baseline": method_results(base, 2.0, None), "variants": {
+        f"{d}@{b}": {"drafter": d, "budget": b, **method_results(fast if d == "gumiho" else base, 2.0, base)}
+        for b in (16, 64) for d in ("eagle", "gumiho")}}
+    lines = table(compare)
+    assert lines[0].startswith("| variant | tau | tokens/s | speedup |") and "tau a" in lines[0]
+    assert len(lines) == 2 + 1 + 4 and lines[2].startswith("| plain | 1.00 | 10.00 | 1.00")
+    assert lines[4] == "| gumiho@16 | 1.43 | 15.00 | 1.50 | True | 2.50 | 1.00 |"
+    assert shape_for(64) == {"max_draft_tokens": 64, "draft_top_k": 8, "draft_depth": None, "draft_pruning": 32,
+                             "calibrate_tree": False}
+    plot_compare(json.loads(json.dumps(compare)), tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from helpers import reference_greedy, run_to_completion, tiny_engine, tiny_features, tiny_hf_config, word_records
+from helpers import (
+    reference_greedy,
+    run_to_completion,
+    tiny_engine,
+    tiny_features,
+    tiny_hf_config,
+    word_records,
+)
 
 from drafters.base import AcceptUpdate, DraftRequest
 from drafters.gumiho import GumihoTreeDrafter

@@ -1,0 +1,96 @@
+"""``treespec bench --compare eagle gumiho --budgets 16 32 64``: drafters at equal verify budgets, one run.
+
+Plain decoding runs once as the baseline; then every (drafter, budget) pair runs on the same
+questions in the same process, with start-up calibration off so the budget is exactly the
+one named. Tree shape per budget (both drafters): ``top_k = max(4, budget // 8)``; depth is the
+drafter's own default (EAGLE-2 5, Gumiho 6 = 2 serial + 5 MLP tokens); Gumiho's
+``mlptopk = pruning = budget // 2`` (its scripts use 35 at 64). Writes one JSON with a
+table (per category and overall: tau, tokens/s, speedup, identical_to_baseline) and a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.report import method_results
+from bench.runner import StepProfile, run_engine
+from server.config import ServerConfig
+
+
+def shape_for(budget: int) -> dict:
+    """Tree options for a verify budget (documented above)."""
+    return {"max_draft_tokens": budget, "draft_top_k": max(4, budget // 8), "draft_depth": None,
+            "draft_pruning": max(1, budget // 2), "calibrate_tree": False}
+
+
+def run_compare(cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
+                budgets: list[int], warmup: int) -> dict:
+    """``{"baseline": ..., "variants": {"eagle@16": {...}, ...}}`` measured in this process."""
+    from server.build import build_engine
+
+    warm = prompts[:1] * warmup
+    plain = build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
+    run_engine(plain, warm, max_new_tokens, 1, "warm-up")
+    baseline, base_wall = run_engine(plain, prompts, max_new_tokens, concurrency, "plain decoding")
+    out = {"baseline": method_results(baseline, base_wall, None), "variants": {}}
+    for budget in budgets:
+        for name in drafters:
+            update = {"drafter": name, **shape_for(budget)}
+            engine = build_engine(cfg.model_copy(update=update))[0]
+            profile = StepProfile()
+            run_engine(engine, warm, max_new_tokens, 1, "warm-up")
+            rows, wall = run_engine(engine, prompts, max_new_tokens, concurrency, f"{name}@{budget}", profile)
+            out["variants"][f"{name}@{budget}"] = {"drafter": name, "budget": budget, "shape": update,
+                                                   **method_results(rows, wall, baseline),
+                                                   "step_time_breakdown_ms": profile.mean_ms()}
+    return out
+
+
+def table(compare: dict) -> list[str]:
+    """Markdown rows: variant, overall tau / tokens/s / speedup, then tau per category."""
+    variants = compare["variants"]
+    cats = list(next(iter(variants.values()))["per_category"]) if variants else []
+    lines = ["| variant | tau | tokens/s | speedup | identical | " + " | ".join(f"tau {c}" for c in cats) + " |",
+             "|---" * (5 + len(cats)) + "|"]
+    base = compare["baseline"]["overall"]
+    lines.append(f"| plain | 1.00 | {base['tokens_per_s']:.2f} | 1.00 | – | " + " | ".join("1.00" for _ in cats) + " |")
+    for key, v in variants.items():
+        o = v["overall"]
+        lines.append(f"| {key} | {o['tau']:.2f} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f} | "
+                     f"{o['identical_to_baseline']} | "
+                     + " | ".join(f"{v['per_category'][c]['tau']:.2f}" for c in cats) + " |")
+    return lines
+
+
+def plot_compare(compare: dict, path: Path) -> None:
+    """tau per category (grouped bars per variant) and overall tau / speedup against budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = compare["variants"]
+    cats = list(next(iter(variants.values()))["per_category"])
+    fig, (ax_cat, ax_tau, ax_speed) = plt.subplots(1, 3, figsize=(20, 4.8))
+    width = 0.8 / len(variants)
+    for i, (key, v) in enumerate(variants.items()):
+        ax_cat.bar([j + i * width for j in range(len(cats))], [v["per_category"][c]["tau"] for c in cats],
+                   width, label=key)
+    ax_cat.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
+    ax_cat.set_ylabel("tau (mean accepted length)")
+    ax_cat.set_title("tau by category")
+    ax_cat.legend(fontsize=8)
+    for name in dict.fromkeys(v["drafter"] for v in variants.values()):
+        mine = [v for v in variants.values() if v["drafter"] == name]
+        budgets = [v["budget"] for v in mine]
+        ax_tau.plot(budgets, [v["overall"]["tau"] for v in mine], marker="o", label=name)
+        ax_speed.plot(budgets, [v["overall"]["speedup"] for v in mine], marker="o", label=name)
+    ax_speed.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    for ax, title in ((ax_tau, "overall tau vs verify budget"), (ax_speed, "speedup vs plain decoding")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("draft tree budget (nodes)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
