@@ -90,28 +90,45 @@ def test_seeded_sampling_is_reproducible_across_batch_composition(tiny_pair):
     assert alone == mixed
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_equals_transformers_batch1_and_batched(default_model_dir):
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+             "Explain recursion in one sentence.", "Translate 'good morning' to Spanish.",
+             "What is 12 times 13?", "Name a famous painter.", "Give me a synonym for happy."]
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(default_model_dir):
+    """Chat prompts for ``QUESTIONS`` and transformers' greedy continuations (24 tokens)."""
     from transformers import AutoModelForCausalLM
 
-    from server.build import build_engine
-    from server.config import ServerConfig
+    from server.models.loader import load_tokenizer
 
-    engine, _ = build_engine(ServerConfig(model=str(default_model_dir), num_kv_blocks=256))
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    tok = engine.tokenizer
-    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
-                 "Explain recursion in one sentence.", "Translate 'good morning' to Spanish.",
-                 "What is 12 times 13?", "Name a famous painter.", "Give me a synonym for happy."]
+    tok = load_tokenizer(default_model_dir)
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                               add_generation_prompt=True), add_special_tokens=False)
-           for q in questions]
+           for q in QUESTIONS]
     with torch.inference_mode():
         want = [hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
                 for p in ids]
+    return ids, want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["auto", "eagle", "gumiho"])
+def test_smollm2_greedy_equals_transformers_batch1_and_batched(default_model_dir, smollm2_reference, drafter):
+    """The default configuration (``auto``: whatever calibration picks here) and the shipped drafters
+    forced on (no calibration) all reproduce transformers' greedy output, alone and 8 at once."""
+    from server.build import build_engine
+    from server.config import ServerConfig
+
+    forced = {} if drafter == "auto" else {"drafter": drafter, "calibrate_tree": False, "max_draft_tokens": 8}
+    engine, _ = build_engine(ServerConfig(model=str(default_model_dir), num_kv_blocks=256, **forced))
+    ids, want = smollm2_reference
     alone = run_to_completion(engine, {"solo": (ids[0], greedy(24))})["solo"]
     assert alone == want[0]
     batched = run_to_completion(engine, {f"q{i}": (p, greedy(24)) for i, p in enumerate(ids)})
     for i in range(len(ids)):
-        assert batched[f"q{i}"] == want[i], questions[i]
+        assert batched[f"q{i}"] == want[i], QUESTIONS[i]
     assert engine.scheduler.kv.pool.usage == 0.0
+    if forced:
+        assert engine.runner.drafter.name == drafter

@@ -1,15 +1,18 @@
-"""The skinny-input linear path agrees with F.linear."""
+"""The prepacked oneDNN linear path agrees with F.linear and never serves a stale packed weight."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import SKINNY_MAX_ROWS, Linear, linear
+from kernels import linear as linear_module
+from kernels.linear import PACKED_MAX_ROWS, Linear, linear
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 9, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 16, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_f_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -19,6 +22,24 @@ def test_matches_f_linear(rows, bias):
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(linear(x.view(1, rows, 48), w, b), F.linear(x, w, b).view(1, rows, 80),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not linear_module.onednn_available(), reason="oneDNN not in this torch build")
+def test_packed_weight_follows_changes_and_lifetime():
+    x = torch.randn(3, 16)
+    w = torch.randn(8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
+        w.mul_(2.0)                                                   # in place: new _version
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
+        key = id(w)
+        assert key in linear_module._packed
+        del w
+        gc.collect()
+        assert key not in linear_module._packed                        # dropped with its weight
+        for seed in range(20):                                         # fresh tensors may reuse ids / memory
+            v = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(linear(x, v), F.linear(x, v))
 
 
 def test_module_keeps_linear_state_dict_and_grads():
