@@ -7,7 +7,8 @@ oneDNN with the weight reordered once into its blocked layout (``mkldnn._reorder
 the kernel PyTorch's inductor uses for frozen CPU linears) streams the weight at memory speed
 and is nearly flat from 1 to 16 rows; measured per call on 2 cores (fp32): 3072x576 at 1 / 9 /
 16 rows 0.14 / 0.53 / 0.54 ms (F.linear) -> 0.08 / 0.18 / 0.28 ms; the 49152x576 LM head
-10.7 / 21.4 / 21.9 ms -> 5.5 / 5.6 / 6.5 ms. The packed copy is made on first use, remade when
+10.7 / 21.4 / 21.9 ms -> 5.5 / 5.6 / 6.5 ms. A single row (plain decoding) is memory-bound
+either way and keeps MKL's two-column product, a few ms per forward faster in A/B runs. The packed copy is made on first use, remade when
 the weight changes (``_version``, storage) and dropped with the weight; training (grad
 enabled), CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32
 rounding. In the full SmolLM2 forward (256-token context) 1 token stays memory-bound
@@ -48,12 +49,21 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in]`` -> ``[..., out]``."""
     rows = x.shape[:-1].numel()
-    if (not _ONEDNN or x.is_cuda or x.dtype != torch.float32 or weight.dtype != torch.float32 or rows == 0
+    if (x.is_cuda or x.dtype != torch.float32 or weight.dtype != torch.float32 or rows == 0
             or rows > PACKED_MAX_ROWS or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()                             # [m, in]
-    y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")  # [m, out]
+    if rows == 1 or not _ONEDNN:
+        y = single_row(flat, weight, bias)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")  # [m, out]
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W @ x^T`` with the row doubled: MKL's gemm for two columns beats its gemv (and oneDNN) at one row."""
+    y = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()                # [1, out]
+    return y + bias if bias is not None else y
 
 
 class Linear(torch.nn.Linear):
