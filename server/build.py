@@ -90,5 +90,5 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (%d draft tokens)", path,
              mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len,
-             cfg.drafter if drafter is not None else "none", lookahead)
+             drafter.name if drafter is not None else "none", lookahead)
     return LLMEngine(scheduler, runner, tokenizer, max_len, eos), served_name(cfg, path)
