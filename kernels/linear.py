@@ -53,10 +53,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or rows > PACKED_MAX_ROWS or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()                             # [m, in]
-    if rows == 1 or not _ONEDNN:
+    if rows == 1:
         y = single_row(flat, weight, bias)
-    else:
+    elif _ONEDNN:
         y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")  # [m, out]
+    else:
+        y = F.linear(flat, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

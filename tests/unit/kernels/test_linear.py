@@ -14,7 +14,11 @@ from kernels.linear import PACKED_MAX_ROWS, Linear, linear
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 9, 16, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_f_linear(rows, bias):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_matches_f_linear(rows, bias, onednn, monkeypatch):
+    if onednn and not linear_module.onednn_available():
+        pytest.skip("oneDNN not in this torch build")
+    monkeypatch.setattr(linear_module, "_ONEDNN", onednn)
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g)
     b = torch.randn(80, generator=g) if bias else None
