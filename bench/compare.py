@@ -23,13 +23,13 @@ def shape_for(budget: int) -> dict:
             "draft_pruning": max(1, budget // 2), "calibrate_tree": False}
 
 
-def run_compare(cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
+def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
                 budgets: list[int], warmup: int) -> dict:
-    """``{"baseline": ..., "variants": {"eagle@16": {...}, ...}}`` measured in this process."""
+    """``{"baseline": ..., "variants": {"eagle@16": {...}, ...}}`` measured in this process; ``plain`` is an
+    engine without a drafter (the baseline), ``cfg`` the settings every variant starts from."""
     from server.build import build_engine
 
     warm = prompts[:1] * warmup
-    plain = build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
     run_engine(plain, warm, max_new_tokens, 1, "warm-up")
     baseline, base_wall = run_engine(plain, prompts, max_new_tokens, concurrency, "plain decoding")
     out = {"baseline": method_results(baseline, base_wall, None), "variants": {}}

@@ -92,7 +92,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
         raise SystemExit(f"no questions selected from {args.questions}")
     cfg = cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)})
     if args.compare:
-        cfg = cfg.model_copy(update={"drafter": "none"})          # each variant builds its own engine
+        cfg = cfg.model_copy(update={"drafter": "none"})          # the baseline; each variant builds its own
     engine, name = build_engine(cfg)
     drafter = engine.runner.drafter.name if engine.runner.drafter else "none"   # after auto / calibration
     prompts = build_prompts(engine, questions)
@@ -156,7 +156,7 @@ def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, 
     if unknown or min(args.budgets) < 1:
         raise SystemExit(f"--compare takes drafters from {sorted(set(DRAFTERS) - {'none'})} and budgets >= 1")
     report["config"].update(drafter=None, compare=args.compare, budgets=args.budgets)
-    report["compare"] = run_compare(cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
+    report["compare"] = run_compare(engine, cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
                                     args.budgets, args.warmup)
     report["table"] = table(report["compare"])
     out = Path(args.out)
