@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -151,3 +152,48 @@ def tiny_features(work, records: list[dict], shard_size: int, cfg: dict):
     run = {"model": "tiny", "data": "mem", "limit": None, "max_len": 48, "seed": 0, "shard_size": shard_size}
     meta = extract_features(model, ChatByteTokenizer(), records, work, run, shard_size, 48, 256)
     return model, meta
+
+
+def feed_random_context(drafter, rid: str, tokens: list[int], hidden: int = 64) -> None:
+    """Tell a feature drafter that ``tokens`` were committed for ``rid``, with random target features."""
+    from drafters.base import AcceptUpdate
+
+    g = torch.Generator().manual_seed(len(tokens))
+    drafter.on_accept([AcceptUpdate(rid, 0, tokens[:-1], torch.randn(len(tokens) - 1, hidden, generator=g),
+                                    tokens[-1], reset=True)])
+
+
+def assert_batched_drafts_equal_solo(make_drafter, contexts: dict[str, list[int]], budget: int) -> None:
+    """Trees proposed for all ``contexts`` in one batch equal those proposed one request at a time."""
+    from drafters.base import DraftRequest
+    from server.engine.request import SamplingParams
+
+    solo = {}
+    for rid, toks in contexts.items():
+        d = make_drafter()
+        feed_random_context(d, rid, toks)
+        solo[rid] = d.propose([DraftRequest(rid, toks, SamplingParams(), budget)])[0]
+    d = make_drafter()
+    for rid, toks in contexts.items():
+        feed_random_context(d, rid, toks)
+    batched = d.propose([DraftRequest(rid, toks, SamplingParams(), budget) for rid, toks in contexts.items()])
+    for (rid, _), tree in zip(contexts.items(), batched):
+        assert tree.tokens == solo[rid].tokens and tree.parents == solo[rid].parents
+        assert tree.scores == pytest.approx(solo[rid].scores, abs=1e-4)
+
+
+def assert_drafter_lossless(hf_model, target, drafter, batch: int, seed: int, max_tokens: int = 25) -> None:
+    """Greedy output with ``drafter`` equals plain greedy for ``batch`` random prompts run together;
+    drafts were made and accepted state and KV are released afterwards."""
+    from server.engine.request import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 211, (6 + i,), generator=g).tolist() for i in range(batch)]
+    engine = tiny_engine(target, num_blocks=256, drafter=drafter)
+    reqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            for i, p in enumerate(prompts)]
+    got = run_to_completion(engine, {})
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == reference_greedy(hf_model, p, max_tokens)
+    assert all(r.spec.verify_steps > 0 and r.spec.drafted_tokens > 0 for r in reqs)
+    assert engine.scheduler.kv.pool.usage == 0.0 and not engine.runner.drafter.states

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 from helpers import (
-    reference_greedy,
-    run_to_completion,
-    tiny_engine,
+    assert_batched_drafts_equal_solo,
+    assert_drafter_lossless,
+    feed_random_context,
     tiny_features,
     tiny_hf_config,
     word_records,
 )
 
-from drafters.base import AcceptUpdate, DraftRequest
+from drafters.base import DraftRequest
 from drafters.gumiho import GumihoTreeDrafter
 from drafters.gumiho_model import GumihoConfig, GumihoDrafter, load_gumiho_checkpoint, save_gumiho_checkpoint
 from drafters.train.gumiho import train_gumiho
@@ -41,12 +41,6 @@ def tiny(tiny_pair):
     return hf, target, make_net(target)
 
 
-def feed(drafter: GumihoTreeDrafter, rid: str, tokens: list[int]) -> None:
-    g = torch.Generator().manual_seed(len(tokens))
-    drafter.on_accept([AcceptUpdate(rid, 0, tokens[:-1], torch.randn(len(tokens) - 1, HIDDEN, generator=g),
-                                    tokens[-1], reset=True)])
-
-
 def test_mlp_heads_zero_initialised_and_shapes(tiny_pair):
     _, target = tiny_pair
     cfg = GumihoConfig.from_dict(tiny_hf_config(), mlp_num=3, mlp_res_blocks=2)
@@ -63,7 +57,7 @@ def test_mlp_heads_zero_initialised_and_shapes(tiny_pair):
 def test_pool_structure(tiny, depth, k, pruning):
     _, _, net = tiny
     d = GumihoTreeDrafter(net, total_tokens=12, depth=depth, top_k=k, mlp_top_k=pruning, pruning=pruning)
-    feed(d, "a", [5, 6, 7, 8, 9])
+    feed_random_context(d, "a", [5, 6, 7, 8, 9])
     steps, mlp_depths = d.split(depth)
     assert steps + mlp_depths == depth and steps >= 1 and mlp_depths == min(5, depth - 1)
     pool = d.expand([d._context_pass(d.states["a"])], k, depth)
@@ -87,7 +81,7 @@ def test_mlp_input_pairs_each_beam_with_its_own_parent(tiny_pair, monkeypatch):
     """The faithful pairing: beam b's MLP input holds b's parent's token and b's own token/feature."""
     net = make_net(tiny_pair[1], seed=0, std=0.1)      # flat enough that survivors' parents are out of rank order
     d = GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=4)
-    feed(d, "a", [5, 6, 7, 8, 9, 10])
+    feed_random_context(d, "a", [5, 6, 7, 8, 9, 10])
     seen = {}
     original = net.parallel
 
@@ -107,33 +101,15 @@ def test_mlp_input_pairs_each_beam_with_its_own_parent(tiny_pair, monkeypatch):
 def test_batched_expansion_equals_one_by_one(tiny):
     _, _, net = tiny
     contexts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4], "c": [20, 21, 22, 23]}
-    solo = {}
-    for rid, toks in contexts.items():
-        d = GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=3, mlp_top_k=4, pruning=4)
-        feed(d, rid, toks)
-        solo[rid] = d.propose([DraftRequest(rid, toks, SamplingParams(), 12)])[0]
-    d = GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=3, mlp_top_k=4, pruning=4)
-    for rid, toks in contexts.items():
-        feed(d, rid, toks)
-    batched = d.propose([DraftRequest(rid, toks, SamplingParams(), 12) for rid, toks in contexts.items()])
-    for (rid, _), tree in zip(contexts.items(), batched):
-        assert tree.tokens == solo[rid].tokens and tree.parents == solo[rid].parents
-        assert tree.scores == pytest.approx(solo[rid].scores, abs=1e-4)
+    assert_batched_drafts_equal_solo(
+        lambda: GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=3, mlp_top_k=4, pruning=4), contexts, 12)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_random_gumiho_drafter_is_lossless(tiny, batch):
     hf, target, net = tiny
-    g = torch.Generator().manual_seed(3)
-    ps = [torch.randint(3, 211, (6 + i,), generator=g).tolist() for i in range(batch)]
     drafter = GumihoTreeDrafter(net, total_tokens=10, depth=6, top_k=3, mlp_top_k=3, pruning=3)
-    engine = tiny_engine(target, num_blocks=256, drafter=drafter)
-    reqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=25, temperature=0.0)) for i, p in enumerate(ps)]
-    got = run_to_completion(engine, {})
-    for i, p in enumerate(ps):
-        assert got[f"r{i}"] == reference_greedy(hf, p, 25)
-    assert all(r.spec.verify_steps > 0 and r.spec.drafted_tokens > 0 for r in reqs)
-    assert engine.scheduler.kv.pool.usage == 0.0 and not engine.runner.drafter.states
+    assert_drafter_lossless(hf, target, drafter, batch, seed=3)
 
 
 def test_checkpoint_round_trip(tiny, tmp_path):
