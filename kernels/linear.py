@@ -4,15 +4,15 @@ Decoding and tree verification multiply a handful of rows (1..64 tokens) by ever
 matrix. On the development CPUs (AMD EPYC, AVX-512) the MKL paths behind ``F.linear`` run
 such skinny products far below memory bandwidth, and their cost grows with every extra row.
 oneDNN with the weight reordered once into its blocked layout (``mkldnn._reorder_linear_weight``,
-the kernel PyTorch's inductor uses for frozen CPU linears) streams the weight at memory speed
-and is nearly flat from 1 to 16 rows; measured per call on 2 cores (fp32): 3072x576 at 1 / 9 /
-16 rows 0.14 / 0.53 / 0.54 ms (F.linear) -> 0.08 / 0.18 / 0.28 ms; the 49152x576 LM head
-10.7 / 21.4 / 21.9 ms -> 5.5 / 5.6 / 6.5 ms. A single row (plain decoding) is memory-bound
-either way and keeps MKL's two-column product, a few ms per forward faster in A/B runs. The packed copy is made on first use, remade when
-the weight changes (``_version``, storage) and dropped with the weight; training (grad
-enabled), CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32
-rounding. In the full SmolLM2 forward (256-token context) 1 token stays memory-bound
-(~30 ms on 2 cores) while 8 / 16 / 64 tokens drop by 1.3-1.7x.
+the kernel PyTorch's inductor uses for frozen CPU linears) is nearly flat from 1 to 16 rows;
+measured per call on 2 cores (fp32, ``bench/linear_ab/gemm_shapes.py``): 3072x576 at 1 / 9 / 16
+rows 0.14 / 0.53 / 0.54 ms (F.linear) -> 0.08 / 0.18 / 0.28 ms; the 49152x576 LM head
+10.7 / 21.4 / 21.9 ms -> 5.5 / 5.6 / 6.5 ms. In the full SmolLM2 forward (256-token context)
+8 / 16 / 64 tokens drop by 1.3-1.7x. A single row (plain decoding) is memory-bound either way
+and keeps MKL's two-column product, a few ms per forward faster in A/B runs
+(``bench/linear_ab/single_row.py``). The packed copy is made on first use, remade when the
+weight changes (``_version``, storage) and dropped with the weight; training (grad enabled),
+CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 rounding.
 """
 
 from __future__ import annotations
