@@ -1,4 +1,5 @@
-"""``treespec`` command line: ``serve``, ``bench`` (flags generated from the config models) and ``train-drafter``."""
+"""``treespec`` command line: ``serve``, ``bench``, ``distill`` (flags generated from the config models) and
+``train-drafter``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(sub.add_parser("serve", help="serve the OpenAI-compatible API"))
     from bench.harness import add_bench_flags, run_bench
     add_bench_flags(sub.add_parser("bench", help="run a Spec-Bench-format benchmark through the engine"))
+    from drafters.train.distill import add_distill_flags, run_distill
+    distill = sub.add_parser("distill", help="have the target answer training prompts (self-distillation data)")
+    add_config_flags(distill)
+    add_distill_flags(distill)
     from drafters.train.cli import add_train_flags, run_train
     add_train_flags(sub.add_parser("train-drafter", help="extract target features and train a drafter"))
     args = parser.parse_args(argv)
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         serve(cfg)
+    elif args.command == "distill":
+        run_distill(cfg, args)
     else:
         run_bench(cfg, args)
 

@@ -42,6 +42,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     g.add_argument("--val-shards", type=int, default=1, help="feature shards held out for evaluation")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (with --device cuda)")
+    g.add_argument("--unroll", type=int, default=1,
+                   help="EAGLE: train on N drafting steps, each after the first reading the drafter's own "
+                        "features (EAGLE-3's training-time test); 1 = EAGLE-1/2 training")
     g.add_argument("--resume", action="store_true", help="continue from the saved training state")
     g.add_argument("--state", default=None, help="training state file (default: <work>/<method>_train_state.pt)")
     g = parser.add_argument_group("gumiho")
@@ -73,7 +77,8 @@ def train_config(args: argparse.Namespace) -> Any:
                        epochs=args.epochs, max_minutes=args.max_minutes, warmup=args.warmup, max_len=args.max_len,
                        head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
                        seed=args.seed, resume=args.resume, mlp_num=args.mlp_num,
-                       mlp_res_blocks=args.mlp_res_blocks)
+                       mlp_res_blocks=args.mlp_res_blocks, device=args.device, amp=args.amp,
+                       unroll=args.unroll)
 
 
 def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
@@ -106,7 +111,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         log.info("using the features in %s", args.work)
     else:
         run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
-                     args.shard_size, args.batch_tokens)
+                     args.shard_size, args.batch_tokens, args.device)
     target_config, embed, lm_head = target_head(args.model)
     summary = _trainer(args.method)(args, target_config, embed, lm_head)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))

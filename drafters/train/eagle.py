@@ -3,7 +3,8 @@
 Position t of a window feeds the drafter ``(x_{t+1}, f_t + noise)`` and asks for ``f_{t+1}``:
 loss = SmoothL1(f̂_{t+1}, f_{t+1}) + 0.1 · CE(softmax(head(f_{t+1})), log_softmax(head(f̂_{t+1}))),
 averaged over positions whose ``x_{t+1}`` is an assistant token (the drafts an inference step
-makes). With a truncated head (``head_vocab`` K) both distributions are over the K most frequent
+makes). With ``unroll`` N > 1 the drafter also runs N - 1 further steps on its own outputs
+(``unroll.py``), as at inference, and step j's loss is weighted ``unroll_decay ** j``. With a truncated head (``head_vocab`` K) both distributions are over the K most frequent
 assistant tokens (renormalised). The noise is uniform with amplitude 0.2: EAGLE's
 ``(rand - 0.5) · 0.2 · 512 / seq_len`` at seq_len 512, held fixed so short records are not drowned.
 """
@@ -17,6 +18,7 @@ import torch
 
 from drafters.eagle_model import EagleConfig, EagleDrafter, save_checkpoint
 from drafters.train.loop import Recipe, TrainConfig, feature_losses, train_drafter
+from drafters.train.unroll import unrolled, unrolled_losses
 
 
 def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
@@ -33,11 +35,27 @@ class EagleRecipe(Recipe):
 
     def losses(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                noise: float, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if cfg.unroll > 1:
+            return self.unrolled_losses(drafter, batch, cfg, noise)
         pred, _ = drafter(batch["tokens"], noisy(batch["features"], noise), batch["positions"])  # [B, T, H]
         out = feature_losses(drafter, pred, batch["targets"], batch["mask"])
         drafted, _ = out.pop("drafted"), out.pop("target_logits")
         return {"loss": cfg.v_weight * out["vloss"] + cfg.p_weight * out["ploss"], **out,
                 "tokens": batch["mask"].sum()}, drafted
+
+    @staticmethod
+    def unrolled_losses(drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+                        noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Losses of ``cfg.unroll`` drafting steps; ``acc`` and the drafted ids are step 0's."""
+        preds = unrolled(drafter, batch["tokens"], noisy(batch["features"], noise), batch["positions"],
+                         cfg.unroll)
+        steps = unrolled_losses(drafter, preds, batch["targets"], batch["mask"])
+        loss = sum(cfg.unroll_decay ** j * (cfg.v_weight * t["vloss"] + cfg.p_weight * t["ploss"])
+                   for j, t in enumerate(steps))
+        depth = {f"acc_d{j + 1}": t["acc"] for j, t in enumerate(steps[1:], start=1)}
+        drafted = drafter.logits(preds[0]).detach().argmax(-1)                       # [B, T]
+        return {"loss": loss, "vloss": steps[0]["vloss"], "ploss": steps[0]["ploss"], "acc": steps[0]["acc"],
+                **depth, "tokens": steps[0]["tokens"]}, drafted
 
     def save(self, out: Path, drafter: EagleDrafter, extra: dict[str, Any]) -> None:
         save_checkpoint(out, drafter, drafter.config, extra)

@@ -1,7 +1,8 @@
 """Target-feature extraction for drafter training.
 
 Each record (``prompt``, ``response``) is rendered with the target's chat template, tokenised,
-truncated to ``max_len`` and run through the target. The last hidden state (post final RMSNorm,
+truncated to ``max_len`` and run through the target. ``--data`` may also be a self-distillation
+folder (``drafters/train/distill.py``): its records are token ids already, the target's own answers. The last hidden state (post final RMSNorm,
 the EAGLE feature) is stored per token. Records are shuffled with ``seed``, split into shards
 of ``shard_size`` records and written as ``shard_00000.pt`` dicts::
 
@@ -30,16 +31,41 @@ META_FILE = "meta.json"
 _RUN_KEYS = ("model", "data", "limit", "max_len", "seed", "shard_size")
 
 
+def distilled_records(folder: str | Path) -> list[dict[str, Any]]:
+    """Records of a distillation folder: ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
+    import numpy as np
+
+    from drafters.train.distill import distill_shards
+
+    records = []
+    for path in distill_shards(folder):
+        with np.load(path) as shard:
+            tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
+            for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"])):
+                records.append({"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(),
+                                "prompt_len": int(plen)})
+    if not records:
+        raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {folder}")
+    return records
+
+
 def load_records(path: str | Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """Records of a JSONL file (``id``, ``prompt``, ``response``), shuffled by ``seed``, first ``limit``."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """Records of a JSONL file (``id``, ``prompt``, ``response``) or a distillation folder, shuffled by
+    ``seed``, first ``limit``."""
+    if Path(path).is_dir():
+        records = distilled_records(path)
+    else:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
     random.Random(seed).shuffle(records)
     return records[:limit] if limit else records
 
 
 def tokenize_record(tokenizer: Any, record: dict[str, Any], max_len: int) -> tuple[list[int], list[bool]]:
     """Chat-template token ids (truncated to ``max_len``) and a mask that is True on assistant tokens."""
+    if "input_ids" in record:                                      # distilled: ids already
+        ids = record["input_ids"][:max_len]
+        return ids, [i >= record["prompt_len"] for i in range(len(ids))]
     user = [{"role": "user", "content": record["prompt"]}]
     full = user + [{"role": "assistant", "content": record["response"]}]
     text = tokenizer.apply_chat_template(full, tokenize=False)
@@ -72,9 +98,10 @@ def target_features(model: Any, batch: list[list[int]]) -> list[torch.Tensor]:
     for row, ids in enumerate(batch):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention[row, :len(ids)] = 1
-    out = model.model(input_ids=input_ids, attention_mask=attention, output_hidden_states=True)
-    hidden = out.hidden_states[-1]                                   # [B, T, H]
-    return [hidden[row, :len(ids)].float() for row, ids in enumerate(batch)]
+    out = model.model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                      output_hidden_states=True)
+    hidden = out.hidden_states[-1].float().cpu()                     # [B, T, H]
+    return [hidden[row, :len(ids)] for row, ids in enumerate(batch)]
 
 
 @torch.inference_mode()
@@ -86,7 +113,7 @@ def check_post_norm(model: Any, ids: list[int]) -> None:
         feature = target_features(model, [ids])[0]                   # [n, H]
     finally:
         hook.remove()
-    if not torch.allclose(feature, captured[0][0].float(), atol=1e-5):
+    if not torch.allclose(feature, captured[0][0].float().cpu(), atol=1e-5):
         raise RuntimeError("the last hidden state is not the post-norm feature")
 
 
@@ -126,7 +153,7 @@ def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
             return Path(old[key]).resolve() == Path(run[key]).resolve()
         return old.get(key) == run[key]
 
-    differs = {k: (old.get(k), run[k]) for k in _RUN_KEYS if not same(k)}
+    differs = {k: (old.get(k), run[k]) for k in (*_RUN_KEYS, *(set(run) - set(_RUN_KEYS))) if not same(k)}
     if differs:
         raise ValueError(f"{work} holds features of another run {differs}; use a new work dir")
     return bool(old.get("complete"))
@@ -170,19 +197,27 @@ def extract_features(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
 
 def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len: int, seed: int,
             shard_size: int) -> dict[str, Any]:
-    """The settings that identify an extraction (a rerun must match them to resume)."""
-    return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
-            "shard_size": shard_size}
+    """The settings that identify an extraction (a rerun must match them to resume); for a distillation
+    folder also its shard count, so features follow when more shards are generated."""
+    key = {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
+           "shard_size": shard_size}
+    if Path(data).is_dir():
+        from drafters.train.distill import distill_shards
+
+        key["data_shards"] = len(distill_shards(data))
+    return key
 
 
 def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limit: int | None = None,
-                 max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096) -> dict:
-    """Load the target (transformers, fp32) and its tokenizer from ``model_dir`` and extract features."""
+                 max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096,
+                 device: str = "cpu") -> dict:
+    """Load the target (transformers, fp32, on ``device``) and its tokenizer from ``model_dir`` and extract
+    features."""
     from transformers import AutoModelForCausalLM
 
     from server.models.loader import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     run = run_key(model_dir, data, limit, max_len, seed, shard_size)
     return extract_features(model, load_tokenizer(model_dir), load_records(data, limit, seed), work, run,
                             shard_size, max_len, batch_tokens)
@@ -198,6 +233,7 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=250, help="records per shard")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per target forward")
+    parser.add_argument("--device", default="cpu", help="torch device for the target and training (cpu, cuda)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     add_feature_flags(parser)
     args = parser.parse_args(argv)
     meta = run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
-                        args.shard_size, args.batch_tokens)
+                        args.shard_size, args.batch_tokens, args.device)
     print(json.dumps(meta, indent=2))
 
 

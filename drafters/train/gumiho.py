@@ -18,6 +18,7 @@ import torch
 from drafters.gumiho_model import GumihoConfig, GumihoDrafter, save_gumiho_checkpoint
 from drafters.train.eagle import noisy
 from drafters.train.loop import Recipe, TrainConfig, feature_losses, train_drafter
+from drafters.train.unroll import shift, unrolled, unrolled_losses
 
 MLP_LOSS_WEIGHT = 9.0
 
@@ -61,6 +62,19 @@ class GumihoRecipe(Recipe):
                 if with_ce:
                     metrics[f"acc_mlp{i}"] = terms["acc"]
         return {"loss": loss, **metrics, "tokens": mask.sum()}, drafted
+
+    def top1_by_depth(self, drafter: GumihoDrafter, batch: dict[str, torch.Tensor], full_head: torch.Tensor,
+                      depth: int) -> list[tuple[float, float]]:
+        """As at inference: depths 1-2 from the serial head (the second on its own feature), later depths
+        from the MLP heads reading those two serial steps."""
+        tokens, targets, mask = batch["tokens"], batch["targets"], batch["mask"]
+        serial = unrolled(drafter, tokens, batch["features"], batch["positions"], 2)   # 2 x [B, T, H]
+        steps = unrolled_losses(drafter, serial, targets, mask, full_head)
+        heads = drafter.parallel(shift(tokens, 1), serial[0], shift(tokens, 2), serial[1])  # [B, T, M, H]
+        for i in range(min(heads.shape[2], depth - 2)):
+            steps += unrolled_losses(drafter, [heads[:, :, i]], shift(targets, 2 + i), shift(mask, 2 + i),
+                                     full_head)
+        return [(float(t["acc_full"] * t["tokens"]), float(t["tokens"])) for t in steps[:depth]]
 
     def save(self, out: Path, drafter: GumihoDrafter, extra: dict[str, Any]) -> None:
         save_gumiho_checkpoint(out, drafter, extra, dtype=self.save_dtype)

@@ -54,6 +54,10 @@ class TrainConfig:
     mlp_res_blocks: int = 5         # Gumiho: residual blocks per MLP head
     mlp_decay: float = 0.8          # Gumiho: MLP head i's loss weight is mlp_decay ** (i + 1) / 9
     mlp_ce_after_epochs: float = 2  # Gumiho: MLP heads' CE term starts after this many epochs
+    unroll: int = 1                 # EAGLE: train on this many drafting steps (own features after the first)
+    unroll_decay: float = 0.8       # EAGLE: step j's loss weight is unroll_decay ** j (EAGLE-3's TTT weights)
+    device: str = "cpu"             # torch device for training (cuda: minutes instead of hours)
+    amp: bool = False               # bf16 autocast (CUDA); weights, optimiser state and losses stay fp32
 
 
 class ShardRecords:
@@ -94,6 +98,15 @@ def collate(windows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
                                   else (0, longest - len(w[k]))) for w in windows]) for k in windows[0]}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast(cfg: TrainConfig) -> torch.autocast:
+    """bf16 autocast on the training device when ``cfg.amp`` (a no-op context otherwise)."""
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+
 def epoch_batches(data: ShardRecords, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled batches of records of similar length (sorted within pools of 50 batches)."""
     rng = random.Random(seed * 1000 + epoch)
@@ -129,6 +142,16 @@ class Recipe(ABC):
     def save(self, out: Path, drafter: EagleDrafter, extra: dict[str, Any]) -> None:
         """Write the checkpoint folder."""
 
+    def top1_by_depth(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], full_head: torch.Tensor,
+                      depth: int) -> list[tuple[float, float]]:
+        """Per draft depth 1..``depth``: (hits, positions) of the drafter's argmax against the target's greedy
+        token, drafting from every start of the batch on the drafter's own features (``unroll.py``)."""
+        from drafters.train.unroll import unrolled, unrolled_losses
+
+        preds = unrolled(drafter, batch["tokens"], batch["features"], batch["positions"], depth)
+        steps = unrolled_losses(drafter, preds, batch["targets"], batch["mask"], full_head)
+        return [(float(t["acc_full"] * t["tokens"]), float(t["tokens"])) for t in steps]
+
 
 def feature_losses(drafter: EagleDrafter, pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                    target_logits: torch.Tensor | None = None, with_ce: bool = True) -> dict[str, torch.Tensor]:
@@ -161,8 +184,9 @@ def evaluate(recipe: Recipe, drafter: EagleDrafter, data: ShardRecords, cfg: Tra
     tokens = 0.0
     rng = random.Random(0)
     for ids in epoch_batches(data, cfg.batch_size, cfg.seed, epoch=-1):
-        batch = collate([data.window(i, cfg.max_len, rng) for i in ids])
-        out, drafted = recipe.losses(drafter, batch, cfg, 0.0, math.inf)
+        batch = to_device(collate([data.window(i, cfg.max_len, rng) for i in ids]), cfg.device)
+        with autocast(cfg):
+            out, drafted = recipe.losses(drafter, batch, cfg, 0.0, math.inf)
         greedy = F.linear(batch["targets"], full_head).argmax(-1)                  # [B, T]
         n = float(out.pop("tokens"))
         for k, v in out.items():
@@ -228,9 +252,11 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     state_path = Path(cfg.state or out / "train_state.pt")
     train_paths, val_paths = _split(cfg.work, cfg.val_shards)
     train, val = ShardRecords(train_paths), ShardRecords(val_paths)
-    state = torch.load(state_path, weights_only=False) if cfg.resume and state_path.is_file() else None
+    state = (torch.load(state_path, weights_only=False, map_location=cfg.device)
+             if cfg.resume and state_path.is_file() else None)
     ids = state["head_token_ids"] if state else head_token_ids(cfg.work, cfg.head_vocab)
-    drafter = recipe.build(target_config, embed_weight.float(), lm_head_weight.float(), ids)
+    embed_weight, lm_head_weight = embed_weight.float().to(cfg.device), lm_head_weight.float().to(cfg.device)
+    drafter = recipe.build(target_config, embed_weight, lm_head_weight, ids).to(cfg.device)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log: list[dict[str, float]] = []
@@ -249,7 +275,7 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     window: list[dict[str, float]] = []
 
     def checkpoint() -> dict[str, float]:
-        metrics = {"step": step, **evaluate(recipe, drafter, val, cfg, lm_head_weight.float())} if len(val) else {}
+        metrics = {"step": step, **evaluate(recipe, drafter, val, cfg, lm_head_weight)} if len(val) else {}
         if metrics:
             val_log.append(metrics)
         extra = {"method": recipe.method, "step": step, "train": asdict(cfg), "held_out": metrics}
@@ -273,8 +299,9 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
             progress = max(step / max(total_steps, 1), (time.time() - began) / budget)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, progress, cfg.warmup)
-            batch = collate([train.window(i, cfg.max_len, rng) for i in batches[next_batch]])
-            losses, _ = recipe.losses(drafter, batch, cfg, cfg.noise, epoch)
+            batch = to_device(collate([train.window(i, cfg.max_len, rng) for i in batches[next_batch]]), cfg.device)
+            with autocast(cfg):
+                losses, _ = recipe.losses(drafter, batch, cfg, cfg.noise, epoch)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -35,4 +35,4 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(logits.argmax())
     probs = processed_probs(logits.unsqueeze(0), params)[0]
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator))

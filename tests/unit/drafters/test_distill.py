@@ -1,0 +1,100 @@
+"""Self-distillation data: the engine's answers, stored compactly, resumable, readable as training data."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from drafters.train.distill import chat_prompt_ids, distill, distill_shards, is_sampled
+from drafters.train.features import load_records, run_key, tokenize_record
+from tests.helpers import (
+    ChatByteTokenizer,
+    hf_model_from,
+    native_from,
+    reference_greedy,
+    tiny_engine,
+    tiny_hf_config,
+)
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = tiny_hf_config(vocab_size=300)
+    hf = hf_model_from(cfg)
+    return hf, native_from(cfg, hf.state_dict())
+
+
+def _engine(native):
+    engine = tiny_engine(native, num_blocks=512, max_num_seqs=4)
+    engine.tokenizer = ChatByteTokenizer()
+    return engine
+
+
+def _data(tmp_path, n: int = 10):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "prompt": "ab" * (i % 4 + 1) + ("x" * 40 if i == 3 else "")} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run(models, data, out, **kw):
+    settings = {"seed": 3, "shard_size": 4, "max_new_tokens": MAX_NEW, "max_prompt_len": 30,
+                "sample_share": 0.5, "temperature": 0.8}
+    return distill(_engine(models[1]), data, out, **(settings | kw))
+
+
+def test_shards_hold_the_targets_own_answers(tmp_path, models):
+    data, out = _data(tmp_path), tmp_path / "distill"
+    summary = _run(models, data, out)
+    tok = ChatByteTokenizer()
+    kept = [r for r in map(json.loads, data.read_text().splitlines())
+            if len(chat_prompt_ids(tok, r["prompt"])) <= 30]
+    assert len(kept) == 9                                          # the long prompt is skipped
+    assert summary["records"] == 9 and summary["shards"] == 3
+    seen = 0
+    for path in distill_shards(out):
+        with np.load(path) as shard:
+            assert shard["tokens"].dtype == np.uint16
+            for r, rid in enumerate(shard["record_ids"]):
+                seq = shard["tokens"][shard["offsets"][r]:shard["offsets"][r + 1]].tolist()
+                prompt = chat_prompt_ids(tok, next(k["prompt"] for k in kept if k["id"] == rid))
+                plen = int(shard["prompt_lens"][r])
+                assert seq[:plen] == prompt and len(seq) - plen == MAX_NEW
+                sampled = is_sampled(3, str(rid), 0.5)
+                assert shard["temperature"][r] == pytest.approx(0.8 if sampled else 0.0)
+                if not sampled:                                   # greedy answers are plain greedy decoding
+                    assert seq[plen:] == reference_greedy(models[0], prompt, MAX_NEW)
+                seen += 1
+    assert seen == 9
+    assert 0 < summary["sampled"] < 9
+
+
+def test_rerun_resumes_and_reproduces(tmp_path, models):
+    data, out = _data(tmp_path), tmp_path / "distill"
+    _run(models, data, out, max_shards=2)
+    assert len(distill_shards(out)) == 2
+    first = distill_shards(out)[0].read_bytes()
+    distill_shards(out)[0].unlink()
+    summary = _run(models, data, out)                              # redoes shard 0, adds shard 2
+    assert summary["shards"] == 3 and len(json.loads((out / "meta.json").read_text())["runs"]) == 2
+    with np.load(distill_shards(out)[0]) as again, np.load(io.BytesIO(first)) as before:
+        for key in ("tokens", "offsets", "prompt_lens", "temperature"):
+            assert np.array_equal(again[key], before[key])       # seeded sampling: same answers
+    with pytest.raises(ValueError, match="another distillation run"):
+        _run(models, data, out, temperature=1.0)
+
+
+def test_distilled_folder_is_training_data(tmp_path, models):
+    data, out = _data(tmp_path), tmp_path / "distill"
+    _run(models, data, out)
+    records = load_records(out, None, seed=0)
+    assert len(records) == 9
+    ids, mask = tokenize_record(None, records[0], max_len=1000)
+    assert ids == records[0]["input_ids"]
+    assert sum(mask) == MAX_NEW and not any(mask[:records[0]["prompt_len"]])
+    assert run_key("m", out, None, 512, 0, 250)["data_shards"] == 3
