@@ -47,6 +47,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                    help="EAGLE: train on N drafting steps, each after the first reading the drafter's own "
                         "features (EAGLE-3's training-time test); 1 = EAGLE-1/2 training")
     g.add_argument("--resume", action="store_true", help="continue from the saved training state")
+    g.add_argument("--init", default=None, help="start from this drafter checkpoint folder (warm start)")
     g.add_argument("--state", default=None, help="training state file (default: <work>/<method>_train_state.pt)")
     g = parser.add_argument_group("gumiho")
     g.add_argument("--mlp-num", type=int, default=5, help="parallel MLP heads")
@@ -78,7 +79,7 @@ def train_config(args: argparse.Namespace) -> Any:
                        head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
                        seed=args.seed, resume=args.resume, mlp_num=args.mlp_num,
                        mlp_res_blocks=args.mlp_res_blocks, device=args.device, amp=args.amp,
-                       unroll=args.unroll)
+                       unroll=args.unroll, init=args.init)
 
 
 def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drafters.eagle_model import EagleDrafter
+from drafters.eagle_model import EagleDrafter, _own_state, read_checkpoint
 from drafters.train.features import FREQ_FILE, shard_paths
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     resume: bool = False
+    init: str | None = None         # start from this drafter checkpoint's weights (and head) instead of random
     mlp_num: int = 5                # Gumiho: parallel MLP heads
     mlp_res_blocks: int = 5         # Gumiho: residual blocks per MLP head
     mlp_decay: float = 0.8          # Gumiho: MLP head i's loss weight is mlp_decay ** (i + 1) / 9
@@ -255,8 +256,13 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     state = (torch.load(state_path, weights_only=False, map_location=cfg.device)
              if cfg.resume and state_path.is_file() else None)
     ids = state["head_token_ids"] if state else head_token_ids(cfg.work, cfg.head_vocab)
+    init = read_checkpoint(cfg.init)[1] if cfg.init and not state else None
+    if init is not None and "head_token_ids" in init:
+        ids = init.pop("head_token_ids")
     embed_weight, lm_head_weight = embed_weight.float().to(cfg.device), lm_head_weight.float().to(cfg.device)
     drafter = recipe.build(target_config, embed_weight, lm_head_weight, ids).to(cfg.device)
+    if init is not None:
+        drafter.load_state_dict(_own_state(init, drafter.config.num_hidden_layers))
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log: list[dict[str, float]] = []

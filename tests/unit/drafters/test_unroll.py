@@ -50,6 +50,10 @@ def test_unrolled_training_and_depth_metrics(tmp_path):
     log = json.loads((tmp_path / "out" / "train_log.json").read_text())["log"]
     assert {"acc_d2", "acc_d3"} <= set(log[-1]) and summary["steps"] == 12
     assert log[-1]["loss"] < log[0]["loss"]
+    warm = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "warm"), "epochs": 1, "init": cfg.out})
+    train_eagle(warm, target_cfg(), embed, embed)                 # warm start from the checkpoint just saved
+    warm_log = json.loads((tmp_path / "warm" / "train_log.json").read_text())["log"]
+    assert warm_log[0]["loss"] < log[0]["loss"] - 0.01
     drafter = make_drafter()[0]
     tokens, feats, pos = inputs(2, 6)
     batch = {"tokens": tokens, "features": feats, "positions": pos, "targets": torch.roll(feats, -1, 1),
