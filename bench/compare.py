@@ -2,7 +2,9 @@
 
 Plain decoding runs once as the baseline; then every (drafter, budget) pair runs on the same
 questions in the same process, with start-up calibration off so the budget is exactly the
-one named. Tree shape per budget (both drafters): ``top_k = max(4, budget // 8)``; depth is the
+one named. The variant ``default`` is the served configuration itself (the preset's drafter, ``auto``
+unless set, with start-up calibration and load-aware budgets, exactly what ``make serve`` runs);
+it runs once, not per budget. Tree shape per budget (both drafters): ``top_k = max(4, budget // 8)``; depth is the
 drafter's own default (EAGLE-2 5, Gumiho 6 = 2 serial + 5 MLP tokens); Gumiho's
 ``mlptopk = pruning = budget // 2`` (its scripts use 35 at 64). Writes one JSON with a
 table (per category and overall: tau, tokens/s, speedup, identical_to_baseline) and a PNG.
@@ -24,25 +26,34 @@ def shape_for(budget: int) -> dict:
 
 
 def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
-                budgets: list[int], warmup: int) -> dict:
-    """``{"baseline": ..., "variants": {"eagle@16": {...}, ...}}`` measured in this process; ``plain`` is an
-    engine without a drafter (the baseline), ``cfg`` the settings every variant starts from."""
+                budgets: list[int], warmup: int, served: ServerConfig | None = None) -> dict:
+    """``{"baseline": ..., "variants": {"eagle@16": {...}, "default": {...}, ...}}`` measured in this process;
+    ``plain`` is an engine without a drafter (the baseline), ``cfg`` the settings every variant starts from,
+    ``served`` the configuration the ``default`` variant runs (default: ``cfg``)."""
     from server.build import build_engine
 
     warm = prompts[:1] * warmup
     run_engine(plain, warm, max_new_tokens, 1, "warm-up")
     baseline, base_wall = run_engine(plain, prompts, max_new_tokens, concurrency, "plain decoding")
     out = {"baseline": method_results(baseline, base_wall, None), "variants": {}}
+
+    def measure(key: str, run_cfg: ServerConfig, info: dict) -> None:
+        engine = build_engine(run_cfg)[0]
+        profile = StepProfile()
+        run_engine(engine, warm, max_new_tokens, 1, "warm-up")
+        rows, wall = run_engine(engine, prompts, max_new_tokens, concurrency, key, profile)
+        out["variants"][key] = {**info, **method_results(rows, wall, baseline),
+                                "step_time_breakdown_ms": profile.mean_ms()}
+
+    if "default" in drafters:
+        served = served or cfg
+        measure("default", served, {"drafter": "default", "budget": None,
+                                    "shape": {"drafter": served.drafter, "calibrate_tree": served.calibrate_tree}})
     for budget in budgets:
-        for name in drafters:
+        for name in (d for d in drafters if d != "default"):
             update = {"drafter": name, **shape_for(budget)}
-            engine = build_engine(cfg.model_copy(update=update))[0]
-            profile = StepProfile()
-            run_engine(engine, warm, max_new_tokens, 1, "warm-up")
-            rows, wall = run_engine(engine, prompts, max_new_tokens, concurrency, f"{name}@{budget}", profile)
-            out["variants"][f"{name}@{budget}"] = {"drafter": name, "budget": budget, "shape": update,
-                                                   **method_results(rows, wall, baseline),
-                                                   "step_time_breakdown_ms": profile.mean_ms()}
+            measure(f"{name}@{budget}", cfg.model_copy(update=update), {"drafter": name, "budget": budget,
+                                                                         "shape": update})
     return out
 
 
@@ -81,7 +92,11 @@ def plot_compare(compare: dict, path: Path) -> None:
     ax_cat.set_title("tau by category")
     ax_cat.legend(fontsize=8)
     for name in dict.fromkeys(v["drafter"] for v in variants.values()):
-        mine = [v for v in variants.values() if v["drafter"] == name]
+        mine = [v for v in variants.values() if v["drafter"] == name and v["budget"] is not None]
+        if not mine:
+            for ax, key in ((ax_tau, "tau"), (ax_speed, "speedup")):
+                ax.axhline(variants[name]["overall"][key], color="black", linestyle=":", label=name)
+            continue
         budgets = [v["budget"] for v in mine]
         ax_tau.plot(budgets, [v["overall"]["tau"] for v in mine], marker="o", label=name)
         ax_speed.plot(budgets, [v["overall"]["speedup"] for v in mine], marker="o", label=name)

@@ -94,7 +94,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     if args.compare:
         cfg = cfg.model_copy(update={"drafter": "none"})          # the baseline; each variant builds its own
     engine, name = build_engine(cfg)
-    drafter = engine.runner.drafter.name if engine.runner.drafter else "none"   # after auto / calibration
+    drafter = engine.runner.drafter.name if engine.runner.drafter else "none"   # after auto
     prompts = build_prompts(engine, questions)
     warm = prompts[:1] * args.warmup
     report: dict = {
@@ -102,7 +102,8 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {"model": name, "drafter": drafter, "drafter_flag": cfg.drafter,
-                   "draft_budget": engine.scheduler.config.num_lookahead_slots, "questions": args.questions,
+                   "draft_budget": engine.scheduler.policy.budget(args.concurrency),
+                   "draft_budget_by_batch_size": engine.scheduler.policy.table(), "questions": args.questions,
                    "num_questions": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype,
                    "max_draft_tokens": cfg.max_draft_tokens, "draft_depth": cfg.draft_depth,

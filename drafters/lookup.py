@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from drafters.base import Drafter, DraftRequest
 from drafters.tree import DraftTree
+
+
+@dataclass
+class Continuation:
+    """The tokens that followed one earlier occurrence of the context's suffix n-gram."""
+
+    tokens: list[int]
+    match_len: int                # n: how many trailing context tokens matched
+
+
+@dataclass
+class LookupTrie:
+    """Continuations merged on shared prefixes; nodes parent-before-child, ``-1`` = child of the root."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)      # root children at depth 1
+    votes: list[int] = field(default_factory=list)       # continuations passing through the node
+    matches: int = 0                                     # continuations merged
 
 
 class LookupDrafter(Drafter):
@@ -24,39 +45,43 @@ class LookupDrafter(Drafter):
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         return [self._tree(r.token_ids, min(r.budget, self.max_tree_tokens)) for r in requests]
 
-    def _continuations(self, ids: list[int]) -> list[list[int]]:
+    def continuations(self, ids: list[int]) -> list[Continuation]:
+        """Up to ``max_matches`` continuations (at most ``max_depth`` tokens each) of the longest suffix
+        n-gram of ``ids`` that occurred before, most recent first; all share one ``match_len``."""
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             suffix = ids[-n:]
             found = []
             for start in range(len(ids) - n - 1, -1, -1):  # most recent first, excluding the suffix itself
                 if ids[start:start + n] == suffix:
-                    found.append(ids[start + n:start + n + self.max_depth])
+                    found.append(Continuation(ids[start + n:start + n + self.max_depth], n))
                     if len(found) == self.max_matches:
                         break
             if found:
                 return found
         return []
 
-    def _tree(self, ids: list[int], budget: int) -> DraftTree:
-        tokens: list[int] = []
-        parents: list[int] = []
-        votes: list[int] = []
-        depth: list[int] = []
+    @staticmethod
+    def trie(conts: list[Continuation], budget: int | None = None) -> LookupTrie:
+        """Merge ``conts`` in order on shared prefixes, creating at most ``budget`` nodes."""
+        trie = LookupTrie(matches=len(conts))
         children: dict[tuple[int, int], int] = {}
-        conts = self._continuations(ids)
         for cont in conts:
             parent = -1
-            for tok in cont:
+            for tok in cont.tokens:
                 node = children.get((parent, tok))
                 if node is None:
-                    if len(tokens) == budget:
+                    if len(trie.tokens) == budget:
                         break
-                    node = children[(parent, tok)] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(parent)
-                    votes.append(0)
-                    depth.append(1 + (depth[parent] if parent >= 0 else 0))
-                votes[node] += 1
+                    node = children[(parent, tok)] = len(trie.tokens)
+                    trie.tokens.append(tok)
+                    trie.parents.append(parent)
+                    trie.votes.append(0)
+                    trie.depths.append(1 + (trie.depths[parent] if parent >= 0 else 0))
+                trie.votes[node] += 1
                 parent = node
-        scores = [-d + v / max(1, len(conts)) for d, v in zip(depth, votes)]
-        return DraftTree(tokens, parents, scores)
+        return trie
+
+    def _tree(self, ids: list[int], budget: int) -> DraftTree:
+        t = self.trie(self.continuations(ids), budget)
+        scores = [-d + v / max(1, t.matches) for d, v in zip(t.depths, t.votes)]
+        return DraftTree(t.tokens, t.parents, scores)

@@ -19,7 +19,8 @@ def _lookup(cfg, target) -> Drafter:
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
-                                     "gumiho": CHECKPOINTS / "smollm2-gumiho"}}
+                                     "gumiho": CHECKPOINTS / "smollm2-gumiho",
+                                     "hybrid": CHECKPOINTS / "smollm2-hybrid"}}  # acceptance.json only (see _hybrid)
 
 
 def shipped_drafter(model: str, method: str = "eagle") -> Path | None:
@@ -58,6 +59,22 @@ def _gumiho(cfg, target) -> Drafter:
     return drafter
 
 
+def _hybrid(cfg, target) -> Drafter:
+    """Prompt lookup grafted onto the EAGLE drafter's tree (``_eagle``: shipped checkpoint or --drafter-path).
+
+    Acceptance profile hook: ``acceptance.json`` in the shipped ``hybrid`` folder (tau of the hybrid with the
+    shipped EAGLE checkpoint, e.g. written by ``bench --compare hybrid --save-acceptance`` once the folder
+    exists) when no --drafter-path is given; otherwise the EAGLE checkpoint's own profile.
+    """
+    from drafters.hybrid import HybridDrafter
+
+    model = _eagle(cfg, target)
+    drafter = HybridDrafter(model, max_tree_tokens=cfg.max_draft_tokens)
+    folder = None if cfg.drafter_path else shipped_drafter(cfg.model, "hybrid")
+    drafter.acceptance_profile = (load_acceptance_profile(folder) if folder else None) or model.acceptance_profile
+    return drafter
+
+
 def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
     f = folder / "acceptance.json"
@@ -79,6 +96,7 @@ DRAFTERS: dict[str, Factory] = {
     "lookup": _lookup,
     "eagle": _eagle,
     "gumiho": _gumiho,
+    "hybrid": _hybrid,
 }
 
 

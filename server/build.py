@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
+from drafters.base import Drafter
 from drafters.registry import build_drafter
 from server.cache.block_pool import BlockPool
 from server.cache.kv_manager import KVManager
 from server.config import ServerConfig
+from server.engine.budget import BudgetPolicy, calibration_grid, choose_budgets, format_table, monotone
 from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
 from server.models.loader import load_tokenizer, load_weights
-from server.worker.calibrate import choose_budget, measure_draft_cost, measure_verify_cost
+from server.worker.calibrate import measure_draft_cost, measure_verify_table
 from server.worker.model_runner import ModelRunner, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -45,23 +48,26 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype).eval()
 
 
-def calibrate_budget(runner: ModelRunner, drafter, cfg: ServerConfig) -> int:
-    """Measure verify and drafting cost on this machine and pick the draft budget (0: speculation off; logged)."""
-    sizes = sorted({n for n in (4, 8, 12, 16, 24, 32, 48, 64) if n < cfg.max_draft_tokens} | {cfg.max_draft_tokens})
-    costs = measure_verify_cost(runner, [0, *sizes])
+def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -> BudgetPolicy:
+    """Measure verify and drafting cost per (batch size, tree size) on this machine and pick the draft
+    budget for every number of decoding requests (0: plain decoding at that load); logs the table."""
+    t0 = time.perf_counter()
+    batches, sizes = calibration_grid(cfg.max_num_seqs, cfg.max_draft_tokens)
+    verify, contexts = measure_verify_table(runner, batches, sizes)
     c = runner.model.config
-    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, sizes)
-    profile = getattr(drafter, "acceptance_profile", None)
-    budget, rate = choose_budget(costs, profile, draft)
-    log.info("tree calibration (%s acceptance profile), ms per step = verify + draft: %s -> budget %d",
-             "measured" if profile else "heuristic",
-             ", ".join(f"{n}: {1000 * costs[n]:.1f} + {1000 * draft[n]:.1f}" for n in sizes), budget)
-    if budget == 0:
-        best = max((n for n in rate if n), key=lambda n: rate[n])
-        log.warning("speculation off: plain decoding is predicted faster on this machine (%.1f vs %.1f tokens/s "
-                    "with a %d-node %s tree); --calibrate-tree false forces drafting", rate[0], rate[best], best,
-                    cfg.drafter)
-    return budget
+    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, list(verify), sizes)
+    verify, draft = monotone(verify), monotone(draft)
+    profile = drafter.acceptance_profile
+    policy = choose_budgets(verify, profile, draft, cfg.max_num_seqs)
+    log.info("tree calibration in %.1f s (%s acceptance profile; %d context tokens per request), ms per "
+             "step = verify + draft by tree size n (made monotone in batch and tree size):\n%s\n"
+             "-> draft budget by running batch size: %s",
+             time.perf_counter() - t0, "measured" if profile else "heuristic", max(contexts.values()),
+             format_table(verify, draft, profile, policy), policy.describe())
+    if max(policy.budgets) == 0:
+        log.warning("speculation off at every load: plain decoding is predicted faster on this machine "
+                    "(--calibrate-tree false forces drafting)")
+    return policy
 
 
 def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
@@ -79,16 +85,14 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     kv = KVManager(BlockPool(num_blocks, cfg.block_size))
     drafter = build_drafter(cfg.drafter, cfg, model)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
-    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len), lookahead,
-                                          max_len), kv)
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter)
+    policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
     if drafter is not None and cfg.calibrate_tree:
-        lookahead = scheduler.config.num_lookahead_slots = drafter.max_tree_tokens = calibrate_budget(
-            runner, drafter, cfg)
-        if lookahead == 0:
-            runner.drafter = drafter = None
+        policy = calibrate_budget(runner, drafter, cfg)
+    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len),
+                                          lookahead, max_len, policy), kv)
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (%d draft tokens)", path,
+    log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (draft budget %s)", path,
              mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len,
-             drafter.name if drafter is not None else "none", lookahead)
+             drafter.name if drafter is not None else "none", policy.describe())
     return LLMEngine(scheduler, runner, tokenizer, max_len, eos), served_name(cfg, path)

@@ -31,7 +31,8 @@ class ServerConfig(BaseModel):
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
     drafter: str = Field("auto", description="Speculative drafter: auto (eagle when the model ships one, as the "
-                                             "embedded model does; else none), none, lookup, eagle, gumiho")
+                                             "embedded model does; else none), none, lookup, eagle, gumiho, "
+                                             "hybrid (prompt lookup merged into eagle's tree)")
     drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
                                                        "shipped drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
@@ -42,8 +43,10 @@ class ServerConfig(BaseModel):
                                                             "(mlptopk = pruning)")
     draft_head_vocab: int | None = Field(None, ge=0, description="EAGLE head: K most frequent tokens (FR-Spec); "
                                                                 "0 = full vocabulary; default: the checkpoint's")
-    calibrate_tree: bool = Field(True, description="At start-up, time verify cost against tree size and pick the "
-                                                  "budget (<= max_draft_tokens) with the best tokens per second")
+    calibrate_tree: bool = Field(True, description="At start-up, time verify and drafting cost against batch size "
+                                                  "and tree size and pick, for every number of running requests, "
+                                                  "the budget (0 .. max_draft_tokens) with the best tokens per "
+                                                  "second; false: max_draft_tokens at every load")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

@@ -44,13 +44,25 @@ class Metrics:
                                        "(accepted drafts + 1)", labels, buckets=ACCEPT_BUCKETS, registry=r)
         self.mean_accept = Gauge("treespec_spec_mean_acceptance_length", f"Mean tokens committed per verify "
                                  f"step over the last {RECENT_STEPS} steps (tau)", labels, registry=r)
+        self.budget = Gauge("treespec_spec_budget", "Draft-tree budget (nodes per request) of the last step "
+                            "with decoding requests", labels, registry=r)
+        self.budget_table = Gauge("treespec_spec_budget_by_batch_size", "Draft-tree budget in force for "
+                                  "each number of decoding requests (start-up calibration, else "
+                                  "--max-draft-tokens)",
+                                  labels + ["batch_size"], registry=r)
         self.recent: deque[int] = deque(maxlen=RECENT_STEPS)
         self.model_name = model_name
         if scheduler is not None:  # read live at scrape time: correct even while the engine idles
             self.running.labels(model_name).set_function(lambda: len(scheduler.running))
             self.waiting.labels(model_name).set_function(lambda: len(scheduler.waiting))
             self.kv_usage.labels(model_name).set_function(lambda: scheduler.kv.pool.usage)
+            self.set_budget_table(scheduler.policy.table())
         self.live = scheduler is not None
+
+    def set_budget_table(self, table: dict[int, int]) -> None:
+        """Batch size -> draft budget, as the scheduler's ``BudgetPolicy`` holds it."""
+        for b, n in table.items():
+            self.budget_table.labels(self.model_name, str(b)).set(n)
 
     def observe(self, stats: StepStats) -> None:
         m = self.model_name
@@ -68,6 +80,8 @@ class Metrics:
             self.e2e.labels(m).observe(v)
         for reason in stats.finished_reasons:
             self.finished.labels(m, reason).inc()
+        if stats.spec_budget is not None:
+            self.budget.labels(m).set(stats.spec_budget)
         self.observe_speculation(stats.drafted, stats.accepted)
 
     def observe_speculation(self, drafted: list[int], accepted: list[int]) -> None:

@@ -107,7 +107,7 @@ class LLMEngine:
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
             ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
-            drafted=drafted, accepted=accepted, timings=timings)
+            drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget)
         return outputs, stats
 
     def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:

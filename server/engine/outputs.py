@@ -42,3 +42,4 @@ class StepStats:
     drafted: list[int] = field(default_factory=list)     # tree size of each verify step this engine step
     accepted: list[int] = field(default_factory=list)    # accepted draft tokens of each verify step
     timings: dict[str, float] = field(default_factory=dict)  # runner phases (draft, forward, accept), seconds
+    spec_budget: int | None = None   # draft budget per decoding request this step (None: nothing decoded)

@@ -1,4 +1,10 @@
-"""Continuous-batching scheduler (torch-free): admission, lookahead slots, preemption by recompute."""
+"""Continuous-batching scheduler (torch-free): admission, lookahead slots, preemption by recompute.
+
+The draft budget of a step follows the load: the number of running (decoding) requests at the
+start of the step picks it from the ``BudgetPolicy``, and every decoding request of that step
+gets it (unless its own ``draft_tokens`` says otherwise), capped by its remaining tokens and the
+context window. Its lookahead KV slots are reserved to match.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.cache.kv_manager import KVManager
+from server.engine.budget import BudgetLog, BudgetPolicy
 from server.engine.request import Request, Status
 
 
@@ -13,8 +20,9 @@ from server.engine.request import Request, Status
 class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 8192
-    num_lookahead_slots: int = 0  # KV slots reserved per running request for draft-tree tokens
+    num_lookahead_slots: int = 0  # most KV slots reserved per running request for draft-tree tokens
     max_model_len: int = 1 << 30  # lookahead never reaches past the context window
+    budget_policy: BudgetPolicy | None = None  # budget per decoding batch size (None: num_lookahead_slots)
 
 
 @dataclass
@@ -29,6 +37,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    budget: int | None = None     # the step's draft budget per decoding request (None: nothing decodes)
 
     @property
     def empty(self) -> bool:
@@ -42,6 +51,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.policy = config.budget_policy or BudgetPolicy.fixed(config.num_lookahead_slots,
+                                                                 config.max_num_seqs)
+        self.budget_log = BudgetLog(self.policy.budget(1))
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -55,9 +67,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kept: list[Request] = []
         queue = list(self.running)
+        if queue:
+            out.budget = self.policy.budget(len(queue))
+            self.budget_log.note(out.budget, len(queue))
         while queue:
             req = queue.pop(0)
-            lookahead = self.lookahead_for(req)
+            lookahead = self.lookahead_for(req, out.budget)
             need = len(req.token_ids) + lookahead
             while not self.kv.can_allocate(req.request_id, need):
                 victim = queue.pop() if queue else req
@@ -87,11 +102,13 @@ class Scheduler:
             budget -= n
         return out
 
-    def lookahead_for(self, req: Request) -> int:
-        """Draft slots worth reserving: none past the context window or beyond the remaining max_tokens."""
+    def lookahead_for(self, req: Request, budget: int) -> int:
+        """Draft slots worth reserving: the step's ``budget`` unless the request names its own (at most
+        ``num_lookahead_slots`` either way); none past the context window or beyond the remaining
+        max_tokens."""
         remaining = req.params.max_tokens - req.num_output_tokens - 1
         room = self.config.max_model_len - len(req.token_ids)
-        wanted = req.params.draft_tokens if req.params.draft_tokens is not None else self.config.num_lookahead_slots
+        wanted = req.params.draft_tokens if req.params.draft_tokens is not None else budget
         return max(0, min(self.config.num_lookahead_slots, wanted, remaining, room))
 
     def _preempt(self, req: Request) -> None:

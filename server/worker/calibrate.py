@@ -1,17 +1,14 @@
-"""Verify and drafting cost against tree size, measured on the machine that serves, and the budget they imply.
+"""Verify and drafting cost against batch size and tree size, measured on the machine that serves.
 
-``measure_verify_cost`` times one target forward (plus the LM head over every tree row,
-as verification needs) for a root plus ``n`` tree tokens over a ``context``-token prefix;
-``measure_draft_cost`` times the drafter proposing an ``n``-node tree for one request.
-``choose_budget`` picks the budget maximising expected committed tokens per second,
-``tau(n) / (verify(n) + draft(n))``, with ``tau(n)`` the drafter's measured acceptance profile
-when one is known, else EAGLE's ``total_token=-1`` rule of thumb (a small bonus for larger
-trees). With a measured profile, plain decoding (budget 0: ``1 / verify(0)``) competes too:
-when no tree is predicted to pay for itself on this machine, speculation is switched off.
+``measure_verify_table`` times one target forward (plus the LM head over every tree row, as
+verification needs) for ``b`` requests, each a root plus ``n`` tree tokens over a ``context``-token
+prefix; ``measure_draft_cost`` times the drafter proposing ``n``-node trees for ``b`` requests at
+once. ``server.engine.budget.choose_budgets`` turns the tables into the budget per batch size.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -19,87 +16,146 @@ import torch
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from kernels import SeqAttention, build_metadata
+from server.cache.kv_manager import blocks_needed
+from server.engine.budget import CostTable
 from server.engine.request import SamplingParams
 from server.worker.model_runner import ModelRunner
 
+log = logging.getLogger(__name__)
+
 CALIBRATION_ID = "__calibration__"
+MIN_CONTEXT = 16   # a batch size whose requests the KV pool cannot give this much context is skipped
+
+
+def calibration_ids(batch: int) -> list[str]:
+    return [f"{CALIBRATION_ID}{i}" for i in range(batch)]
+
+
+def fitting_context(runner: ModelRunner, batch: int, max_new: int, context: int) -> int:
+    """The longest context, at most ``context``, that ``batch`` requests with ``max_new`` new tokens each
+    can hold in the (free) KV pool; 0 when not even ``MIN_CONTEXT`` (or ``context``, if less) fits."""
+    kv = runner.kv
+    per_request = (kv.pool.num_free // batch) * kv.block_size
+    fits = min(context, per_request - max_new)
+    return fits if fits >= min(MIN_CONTEXT, context) else 0
 
 
 @torch.inference_mode()
-def measure_verify_cost(runner: ModelRunner, sizes: list[int], context: int = 256, repeats: int = 3
-                        ) -> dict[int, float]:
-    """Median seconds of a verify forward with ``1 + n`` new tokens, for each ``n`` in ``sizes``."""
-    kv, model = runner.kv, runner.model
+def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: int, repeats: int,
+                 warmup: int) -> list[float]:
+    """Seconds of ``repeats`` forwards (metadata included, after ``warmup`` untimed ones) over ``len(tables)``
+    requests with ``1 + n`` new tokens each."""
+    model, kv = runner.model, runner.kv
+    mask = np.tri(n + 1, dtype=bool) if n else None               # cost does not depend on the tree's shape
+    seqs = [SeqAttention(t, context, n + 1, mask) for t in tables]
+    tokens = torch.randint(0, model.config.vocab_size, (len(tables) * (n + 1),),
+                           generator=torch.Generator().manual_seed(n)).to(runner.device)   # [b * (1 + n)]
+    positions = torch.arange(context, context + n + 1, device=runner.device).repeat(len(tables))
+    rows = torch.arange(len(tables) * (n + 1), device=runner.device)  # verify: all rows; decode: the only one
+    times = []
+    for _ in range(warmup + repeats):
+        t = time.perf_counter()
+        meta = build_metadata(seqs, kv.block_size, runner.device)
+        hidden = model(tokens, positions, runner.kv_caches, meta)  # [b * (1 + n), hidden]
+        model.compute_logits(hidden[rows])                         # [b * (1 + n), V]
+        times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
+def _verify_times(runner: ModelRunner, sizes: list[int], context: int, repeats: int, batch: int,
+                  warmup: int = 1) -> dict[int, list[float]]:
+    """Timed forwards of ``batch`` requests with ``1 + n`` new tokens each over ``context`` committed tokens
+    each, per ``n`` in ``sizes`` (frees its KV blocks afterwards). The context's KV is left as the pool
+    holds it (zeros at start-up): attention costs the same whatever the values."""
+    kv = runner.kv
     need = context + 1 + max(sizes)
-    if not kv.can_allocate(CALIBRATION_ID, need):
-        raise RuntimeError(f"KV pool too small to calibrate ({need} slots)")
-    table = kv.allocate(CALIBRATION_ID, need)
+    ids = calibration_ids(batch)
+    if not kv.pool.can_allocate(batch * blocks_needed(need, kv.block_size)):
+        raise RuntimeError(f"KV pool too small to calibrate ({batch} x {need} slots)")
     try:
-        ids = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        meta = build_metadata([SeqAttention(table, 0, context)], kv.block_size, runner.device)
-        model(ids.to(runner.device), torch.arange(context, device=runner.device), runner.kv_caches, meta)
-        costs = {}
-        for n in sizes:
-            chain = np.tri(n + 1, dtype=bool)                      # cost does not depend on the mask's shape
-            meta = build_metadata([SeqAttention(table, context, n + 1, chain)], kv.block_size, runner.device)
-            tokens = ids[:n + 1].to(runner.device)
-            positions = torch.arange(context, context + n + 1, device=runner.device)
-            times = []
-            for _ in range(repeats + 1):                           # first run warms up
-                t = time.perf_counter()
-                model.compute_logits(model(tokens, positions, runner.kv_caches, meta))
-                times.append(time.perf_counter() - t)
-            costs[n] = float(np.median(times[1:]))
-        return costs
+        tables = [kv.allocate(rid, need) for rid in ids]
+        return {n: _time_verify(runner, tables, context, n, repeats, warmup) for n in sizes}
     finally:
-        kv.free(CALIBRATION_ID)
+        for rid in ids:
+            kv.free(rid)
 
 
-def eagle_penalty_tau(n: int) -> float:
-    """EAGLE's auto-tuning rule (``ea_model.py``): larger trees earn ~1% per extra 8 tokens."""
-    return 1.0 + 0.0125 * n / 8
+def measure_verify_cost(runner: ModelRunner, sizes: list[int], context: int = 256, repeats: int = 3,
+                        batch: int = 1) -> dict[int, float]:
+    """Median seconds of a verify forward of ``batch`` requests with ``1 + n`` new tokens each, for each
+    ``n`` in ``sizes``, over ``context`` committed tokens each."""
+    return {n: float(np.median(t)) for n, t in _verify_times(runner, sizes, context, repeats, batch).items()}
+
+
+def measure_verify_table(runner: ModelRunner, batches: list[int], sizes: list[int], context: int = 256,
+                         repeats: int = 2) -> tuple[CostTable, dict[int, int]]:
+    """Verify seconds per (batch size, tree size), the fastest of ``repeats`` (noise from a busy host and a
+    first run's set-up only add time, so no separate warm-up), and the context each batch size was
+    measured at: shortened where the KV pool cannot hold ``batch`` full contexts; batch sizes that
+    cannot get ``MIN_CONTEXT`` tokens each are skipped (both logged)."""
+    table, contexts = {}, {}
+    for b in batches:
+        ctx = fitting_context(runner, b, 1 + max(sizes), context)
+        if ctx == 0:
+            log.warning("calibration: KV pool too small for %d requests; larger batches use the budget of "
+                        "the largest measured one", b)
+            break
+        if ctx < context:
+            log.info("calibration: batch %d measured over %d context tokens per request (KV pool holds %d "
+                     "slots)", b, ctx, runner.kv.capacity_tokens)
+        table[b] = {n: min(t) for n, t in _verify_times(runner, sizes, ctx, repeats, b, warmup=0).items()}
+        contexts[b] = ctx
+    if not table:
+        raise RuntimeError("KV pool too small to calibrate")
+    return table, contexts
+
+
+def _asks(tokens: dict[str, list[int]], budget: int) -> list[DraftRequest]:
+    return [DraftRequest(rid, toks, SamplingParams(), budget) for rid, toks in tokens.items()]
+
+
+def _commit_one(drafter: Drafter, tokens: dict[str, list[int]], hidden_size: int, vocab_size: int,
+                g: torch.Generator) -> None:
+    """Tell the drafter every calibration request committed one more token, as after a plain step."""
+    updates = []
+    for rid, toks in tokens.items():
+        nxt = int(torch.randint(0, vocab_size, (1,), generator=g))
+        features = torch.randn(1, hidden_size, generator=g)                                # [1, hidden]
+        updates.append(AcceptUpdate(rid, len(toks) - 1, toks[-1:], features, nxt))
+        toks.append(nxt)
+    drafter.on_accept(updates)
 
 
 @torch.inference_mode()
-def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, sizes: list[int], context: int = 256,
-                       repeats: int = 3) -> dict[int, float]:
-    """Median seconds of ``drafter.propose`` for one request (``context`` random committed tokens with
-    random features, context pass excluded) at each budget in ``sizes``."""
+def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batches: list[int],
+                       sizes: list[int], context: int = 256, repeats: int = 2) -> CostTable:
+    """Seconds of ``drafter.propose`` for ``b`` requests at once (the fastest of ``repeats``), per batch size
+    and budget > 0.
+
+    Each request starts from ``context`` random committed tokens with random features (that pass
+    is excluded); before every timed call each commits one more token, so the drafter's per-step
+    catching up is included. All calibration state is released afterwards."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
-    drafter.on_accept([AcceptUpdate(CALIBRATION_ID, 0, tokens[:-1], torch.randn(context, hidden_size, generator=g),
-                                    tokens[-1], reset=True)])
+    tokens = {rid: torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
+              for rid in calibration_ids(max(batches))}
+    features = [torch.randn(context, hidden_size, generator=g) for _ in tokens]    # each [context, hidden]
     try:
-        costs = {}
-        for n in sizes:
-            ask = [DraftRequest(CALIBRATION_ID, tokens, SamplingParams(), n)]
-            times = []
-            for _ in range(repeats + 1):                           # first run warms up (and runs the context)
-                t = time.perf_counter()
-                drafter.propose(ask)
-                times.append(time.perf_counter() - t)
-            costs[n] = float(np.median(times[1:]))
-        return costs
+        drafter.on_accept([AcceptUpdate(rid, 0, toks[:-1], f, toks[-1], reset=True)
+                           for (rid, toks), f in zip(tokens.items(), features)])
+        table: CostTable = {}
+        for b in batches:
+            batch = dict(list(tokens.items())[:b])
+            drafter.propose(_asks(batch, max(sizes)))               # warm-up: runs the new requests' contexts
+            table[b] = {}
+            for n in (n for n in sizes if n > 0):
+                times = []
+                for _ in range(repeats):
+                    _commit_one(drafter, batch, hidden_size, vocab_size, g)
+                    t = time.perf_counter()
+                    drafter.propose(_asks(batch, n))
+                    times.append(time.perf_counter() - t)
+                table[b][n] = min(times)
+        return table
     finally:
-        drafter.release(CALIBRATION_ID)
-
-
-def choose_budget(costs: dict[int, float], tau: dict[int, float] | None = None,
-                  draft: dict[int, float] | None = None) -> tuple[int, dict[int, float]]:
-    """Budget maximising ``tau(n) / (costs[n] + draft[n])`` and the rate of every candidate.
-
-    ``tau`` is measured per budget (interpolated between, held flat beyond), else heuristic.
-    With a measured ``tau`` and ``costs[0]`` (a plain one-token forward), budget 0 = plain
-    decoding is a candidate with rate ``1 / costs[0]``.
-    """
-    sizes = sorted(n for n in costs if n > 0)
-    draft = draft or {}
-    if tau:
-        known = sorted(tau)
-        tau_at = {n: float(np.interp(n, known, [tau[k] for k in known])) for n in sizes}
-    else:
-        tau_at = {n: eagle_penalty_tau(n) for n in sizes}
-    rate = {n: tau_at[n] / (costs[n] + draft.get(n, 0.0)) for n in sizes}
-    if tau and 0 in costs:
-        rate[0] = 1.0 / costs[0]
-    return max(rate, key=lambda n: rate[n]), rate
+        for rid in tokens:
+            drafter.release(rid)

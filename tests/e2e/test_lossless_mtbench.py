@@ -53,10 +53,11 @@ def reference(default_model_dir, questions):
     return prompts, run(engine, prompts, concurrency=16)
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "eagle", "gumiho"])
+@pytest.mark.parametrize("drafter", ["lookup", "eagle", "gumiho", "hybrid"])
 def test_speculative_greedy_equals_plain_on_mt_bench(default_model_dir, questions, reference, drafter):
-    if drafter != "lookup" and not shipped_drafter("default", drafter).is_dir():
-        pytest.fail(f"the shipped {drafter} drafter for the default model is missing")
+    checkpoint = {"lookup": None, "hybrid": "eagle"}.get(drafter, drafter)    # hybrid drafts with eagle's
+    if checkpoint and not shipped_drafter("default", checkpoint).is_dir():
+        pytest.fail(f"the shipped {checkpoint} drafter for the default model is missing")
     prompts, want = reference
     engine, _ = build_engine(ServerConfig(model=str(default_model_dir), drafter=drafter, num_kv_blocks=2048,
                                           max_draft_tokens=8, calibrate_tree=False))

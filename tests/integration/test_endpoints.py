@@ -8,7 +8,7 @@ METRIC_NAMES = [
     "treespec_num_requests_running", "treespec_num_requests_waiting", "treespec_kv_cache_usage_ratio",
     "treespec_prompt_tokens_total", "treespec_generation_tokens_total",
     "treespec_time_to_first_token_seconds_bucket", "treespec_inter_token_latency_seconds_bucket",
-    "treespec_e2e_request_latency_seconds_bucket",
+    "treespec_e2e_request_latency_seconds_bucket", "treespec_spec_budget_by_batch_size",
 ]
 
 
@@ -66,3 +66,5 @@ def test_metrics_counters_increase_after_a_request(client, model_id, scrape, wai
             before["treespec_inter_token_latency_seconds_count"] + r.usage.completion_tokens - 1
     assert scrape("treespec_num_requests_running") == 0.0
     assert scrape("treespec_kv_cache_usage_ratio") == 0.0
+    if r.usage.completion_tokens > 1:                            # a decoding step ran at batch size 1
+        assert scrape("treespec_spec_budget") == scrape("treespec_spec_budget_by_batch_size", batch_size="1")

@@ -33,3 +33,23 @@ def test_step_stats_and_speculation():
     assert value(m, f"treespec_spec_accepted_length_count{lab}") == 3
     assert value(m, f"treespec_spec_mean_acceptance_length{lab}") == (4 + 1 + 1) / 3
     assert value(m, 'treespec_request_success_total{model_name="tiny",reason="stop"}') == 1
+
+
+def test_budget_gauges():
+    from server.cache.block_pool import BlockPool
+    from server.cache.kv_manager import KVManager
+    from server.engine.budget import BudgetPolicy
+    from server.engine.scheduler import Scheduler, SchedulerConfig
+
+    policy = BudgetPolicy((8, 4, 0))
+    scheduler = Scheduler(SchedulerConfig(3, 64, 8, budget_policy=policy), KVManager(BlockPool(4, 4)))
+    m = Metrics("tiny", scheduler)
+    for b, n in policy.table().items():
+        assert value(m, f'treespec_spec_budget_by_batch_size{{batch_size="{b}",model_name="tiny"}}') == n
+    m.observe(StepStats(num_running=2, num_waiting=0, kv_usage=0.5, num_prompt_tokens=0,
+                        num_generation_tokens=2, step_time=0.01, drafted=[4, 4], accepted=[1, 0],
+                        spec_budget=4))
+    assert value(m, 'treespec_spec_budget{model_name="tiny"}') == 4
+    m.observe(StepStats(num_running=1, num_waiting=0, kv_usage=0.5, num_prompt_tokens=5,
+                        num_generation_tokens=1, step_time=0.01))  # prefill only: keeps the last budget
+    assert value(m, 'treespec_spec_budget{model_name="tiny"}') == 4

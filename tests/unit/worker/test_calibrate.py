@@ -1,35 +1,27 @@
-"""Verify-cost measurement and the tree budget it implies."""
+"""Verify- and drafting-cost measurement per (batch size, tree size), and the budgets they imply."""
 
 from __future__ import annotations
 
 from helpers import tiny_engine
 
-from server.worker.calibrate import choose_budget, measure_verify_cost
+from server.worker.calibrate import measure_verify_cost, measure_verify_table
 
 
 def test_measure_verify_cost_frees_its_blocks():
     engine = tiny_engine(num_blocks=128)
     costs = measure_verify_cost(engine.runner, [0, 4, 16], context=32, repeats=1)
     assert set(costs) == {0, 4, 16} and all(c > 0 for c in costs.values())
+    costs = measure_verify_cost(engine.runner, [0, 4], context=32, repeats=1, batch=3)
+    assert set(costs) == {0, 4} and all(c > 0 for c in costs.values())
     assert engine.scheduler.kv.pool.usage == 0.0
 
 
-def test_choose_budget_trades_acceptance_for_cost():
-    costs = {4: 1.0, 8: 1.1, 16: 1.2, 32: 2.4}
-    best, rate = choose_budget(costs, tau={4: 2.0, 16: 3.0, 32: 3.3})
-    assert best == 16 and rate[16] == 3.0 / 1.2
-    assert choose_budget({4: 1.0, 8: 1.0})[0] == 8        # heuristic: equal cost -> bigger tree
-    assert choose_budget({4: 1.0, 8: 2.0})[0] == 4
-
-
-def test_drafting_cost_counts_and_plain_decoding_competes():
-    verify = {0: 1.0, 4: 1.5, 16: 2.0}
-    tau = {4: 2.0, 16: 3.0}
-    assert choose_budget(verify, tau)[0] == 16                               # 3.0 / 2.0 beats 2.0 / 1.5
-    best, rate = choose_budget(verify, tau, draft={4: 0.1, 16: 1.0})
-    assert best == 4 and rate[4] == 2.0 / 1.6 and rate[0] == 1.0
-    assert choose_budget(verify, {4: 1.2, 16: 1.5}, draft={4: 0.5, 16: 0.5})[0] == 0  # no tree pays: off
-    assert choose_budget(verify, None, draft={4: 5.0, 16: 5.0})[0] in (4, 16)       # unmeasured tau: never off
+def test_verify_table_shortens_or_skips_what_the_pool_cannot_hold():
+    engine = tiny_engine(num_blocks=128, block_size=4)                # 512 slots
+    table, contexts = measure_verify_table(engine.runner, [1, 4, 8, 64], [0, 8], context=64, repeats=1)
+    assert contexts == {1: 64, 4: 64, 8: 55}                           # 8 x 16 blocks = 64 slots - 9 new
+    assert set(table) == {1, 4, 8} and all(set(row) == {0, 8} for row in table.values())
+    assert engine.scheduler.kv.pool.usage == 0.0
 
 
 def test_measure_draft_cost_leaves_no_state(tiny_pair):
@@ -43,18 +35,22 @@ def test_measure_draft_cost_leaves_no_state(tiny_pair):
     net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
                        target.lm_head.weight).eval()
     drafter = EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
-    costs = measure_draft_cost(drafter, 64, 211, [4, 8], context=24, repeats=1)
-    assert set(costs) == {4, 8} and all(c > 0 for c in costs.values()) and not drafter.states
+    costs = measure_draft_cost(drafter, 64, 211, [1, 3], [0, 4, 8], context=24, repeats=1)
+    assert set(costs) == {1, 3} and all(set(row) == {4, 8} for row in costs.values())
+    assert all(c > 0 for row in costs.values() for c in row.values()) and not drafter.states
 
 
-def test_engine_switches_speculation_off_when_no_tree_pays(monkeypatch, default_model_dir):
+def test_engine_keeps_its_drafter_when_no_tree_pays(monkeypatch, default_model_dir):
     from drafters import registry
     from server import build
     from server.config import ServerConfig
 
     monkeypatch.setattr(registry, "load_acceptance_profile", lambda folder: {4: 1.1, 8: 1.2})
-    monkeypatch.setattr(build, "measure_verify_cost", lambda runner, sizes: {n: 1.0 + n for n in sizes})
-    monkeypatch.setattr(build, "measure_draft_cost", lambda *a, **k: {n: 1.0 for n in a[3]})
-    engine, _ = build.build_engine(ServerConfig(model=str(default_model_dir), drafter="eagle", num_kv_blocks=64,
-                                                max_draft_tokens=8))
-    assert engine.runner.drafter is None and engine.scheduler.config.num_lookahead_slots == 0
+    monkeypatch.setattr(build, "measure_verify_table", lambda runner, batches, sizes: (
+        {b: {n: b * (1.0 + n) for n in sizes} for b in batches}, {b: 256 for b in batches}))
+    monkeypatch.setattr(build, "measure_draft_cost", lambda drafter, h, v, batches, sizes: {
+        b: {n: 1.0 for n in sizes if n} for b in batches})
+    engine, _ = build.build_engine(ServerConfig(model=str(default_model_dir), drafter="eagle",
+                                                num_kv_blocks=64, max_draft_tokens=8, max_num_seqs=4))
+    assert engine.runner.drafter is not None and engine.scheduler.config.num_lookahead_slots == 8
+    assert engine.scheduler.policy.table() == {1: 0, 2: 0, 3: 0, 4: 0}

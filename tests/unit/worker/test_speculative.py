@@ -109,3 +109,49 @@ def test_lookup_tree_structure():
     assert tree.tokens[:2] == (8, 2) and len(tree) <= 6
     assert set(tree.tokens) >= {8, 7}  # both earlier continuations of (5, 6) are branches
     assert LookupDrafter()._tree([1, 2, 3], budget=4).tokens == ()
+
+
+
+def tiny_eagle(model):
+    import torch
+    from helpers import tiny_hf_config
+
+    from drafters.eagle import EagleTreeDrafter
+    from drafters.eagle_model import EagleConfig, EagleDrafter
+
+    torch.manual_seed(4)
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), model.embed_tokens.weight,
+                       model.lm_head.weight).eval()
+    return EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "oracle"])
+def test_budget_policy_switches_drafting_off_and_on_losslessly(tiny_pair, kind):
+    """Budget 6 when one request decodes, 0 (no drafting; EAGLE still fed the committed features) when
+    more do: greedy output equals plain decoding as requests finish and the budget comes back."""
+    from server.engine.budget import BudgetPolicy
+
+    hf, model = tiny_pair
+    ps, lengths = prompts(3), [8, 14, 30]
+    drafter = tiny_eagle(model) if kind == "eagle" else OracleDrafter(
+        {tuple(p): reference_greedy(hf, p, 30) for p in ps}, budget=8)
+    asked: list[int] = []
+    propose = drafter.propose
+    drafter.propose = lambda requests: asked.append(len(requests)) or propose(requests)
+    engine = tiny_engine(model, num_blocks=256, drafter=drafter, budget_policy=BudgetPolicy((6, 0, 0, 0)))
+    reqs = [engine.add_request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(ps, lengths))]
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    steps = []
+    while engine.has_unfinished():
+        outputs, stats = engine.step()
+        steps.append((stats.spec_budget, stats.drafted))
+        for o in outputs:
+            got[o.request_id].extend(o.token_ids)
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        assert got[f"r{i}"] == reference_greedy(hf, p, n), f"prompt {i}"
+    assert any(b == 0 and len(d) > 1 and not any(d) for b, d in steps)          # batched steps: no trees
+    assert any(b == 6 and d and d[0] > 0 for b, d in steps)                      # alone: trees again
+    assert asked and set(asked) == {1}                                           # drafter only called alone
+    assert [r.spec.drafted_tokens > 0 for r in reqs] == [False, False, True]
+    assert kind == "eagle" or reqs[2].spec.accepted_tokens > 0
+    assert engine.scheduler.kv.pool.usage == 0.0 and (kind == "oracle" or not drafter.states)
