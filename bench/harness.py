@@ -90,7 +90,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     questions = load_questions(args.questions, args.limit, args.categories, args.per_category)
     if not questions:
         raise SystemExit(f"no questions selected from {args.questions}")
-    cfg = cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)})
+    cfg = served = cfg.model_copy(update={"max_num_seqs": max(cfg.max_num_seqs, args.concurrency)})
     if args.compare:
         cfg = cfg.model_copy(update={"drafter": "none"})          # the baseline; each variant builds its own
     engine, name = build_engine(cfg)
@@ -110,7 +110,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
                    "draft_top_k": cfg.draft_top_k},
     }
     if args.compare:
-        return write_compare(cfg, args, engine, prompts, report)
+        return write_compare(cfg, args, engine, prompts, report, served)
     profile = StepProfile()
     run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
     rows, wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, drafter, profile)
@@ -148,24 +148,27 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     return report
 
 
-def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, report: dict) -> dict:
-    """``--compare``: every drafter at every budget plus plain decoding -> JSON (with a table) and PNG."""
+def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, report: dict,
+                  served: ServerConfig) -> dict:
+    """``--compare``: every drafter at every budget plus plain decoding (and ``default``: the ``served``
+    configuration) -> JSON (with a table) and PNG."""
     from bench.compare import plot_compare, run_compare, table
     from drafters.registry import DRAFTERS
 
-    unknown = [d for d in args.compare if d not in DRAFTERS or d == "none"]
+    choices = sorted(set(DRAFTERS) - {"none"} | {"default"})
+    unknown = [d for d in args.compare if d not in choices]
     if unknown or min(args.budgets) < 1:
-        raise SystemExit(f"--compare takes drafters from {sorted(set(DRAFTERS) - {'none'})} and budgets >= 1")
+        raise SystemExit(f"--compare takes drafters from {choices} and budgets >= 1")
     report["config"].update(drafter=None, compare=args.compare, budgets=args.budgets)
     report["compare"] = run_compare(engine, cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
-                                    args.budgets, args.warmup)
+                                    args.budgets, args.warmup, served)
     report["table"] = table(report["compare"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot_compare(report["compare"], out.with_suffix(".png"))
     if args.save_acceptance:
-        for name in args.compare:
+        for name in (d for d in args.compare if d != "default"):
             save_acceptance(cfg, name, report, out)
     print("\n".join(report["table"]))
     print(f"wrote {out} and {out.with_suffix('.png')}")

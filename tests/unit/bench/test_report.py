@@ -53,9 +53,11 @@ def test_compare_table_and_plot(tmp_path):
     compare = {"baseline": method_results(base, 2.0, None), "variants": {
         f"{d}@{b}": {"drafter": d, "budget": b, **method_results(fast if d == "gumiho" else base, 2.0, base)}
         for b in (16, 64) for d in ("eagle", "gumiho")}}
+    compare["variants"]["default"] = {"drafter": "default", "budget": None, **method_results(fast, 2.0, base)}
     lines = table(compare)
     assert lines[0].startswith("| variant | tau | tokens/s | speedup |") and "tau a" in lines[0]
-    assert len(lines) == 2 + 1 + 4 and lines[2].startswith("| plain | 1.00 | 10.00 | 1.00")
+    assert len(lines) == 2 + 1 + 5 and lines[2].startswith("| plain | 1.00 | 10.00 | 1.00")
+    assert lines[-1].startswith("| default | 1.43 |")
     assert lines[4] == "| gumiho@16 | 1.43 | 15.00 | 1.50 | True | 2.50 | 1.00 |"
     assert shape_for(64) == {"max_draft_tokens": 64, "draft_top_k": 8, "draft_depth": None, "draft_pruning": 32,
                              "calibrate_tree": False}
