@@ -1,12 +1,14 @@
 """EAGLE drafter with EAGLE-2 dynamic draft trees (confidence-ordered expansion + rerank).
 
-Per request the drafter keeps its own KV over (feature, next token) pairs of the
-committed context. Each step: (a) a context pass over pairs committed since the last
-step; (b) ``depth`` expansion forwards batched across requests, each on the ``top_k``
-frontier nodes of every request (global score = sum of drafter log-probs along the
-path; all ``top_k**2`` children enter the pool, the best ``top_k`` become the next
-frontier); (c) rerank of the pool (``top_k + depth * top_k**2`` nodes) to the verify
-budget with ancestor closure enforced (``drafters.tree.rerank``).
+Per request the drafter keeps its own KV over (feature, next token) pairs of the committed
+context, in a row of a preallocated buffer (``drafters.draft_kv.DraftKV``). Each step, for the
+requests sharing a tree shape: (a) one batched context pass over the pairs committed since the
+last step, written into the rows in place; (b) up to ``depth`` expansion forwards
+(``drafters.expansion``), each on the ``top_k`` frontier nodes of every request (global score =
+sum of drafter log-probs along the path; all ``top_k**2`` children enter the pool, the best
+``top_k`` become the next frontier), stopping early once no deeper node could make the
+rerank; (c) one host transfer of the pool and its rerank (``top_k + depth * top_k**2`` nodes
+at most) to the verify budget with ancestor closure enforced (``drafters.tree.rerank``).
 Drafting is deterministic top-k, so verification uses q = 1 (lossless).
 """
 
@@ -17,63 +19,18 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
-from drafters.eagle_model import KV, EagleDrafter
+from drafters.draft_kv import DraftKV, KVBatch, Slots
+from drafters.eagle_model import EagleDrafter
+from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder
 from drafters.tree import DraftTree, rerank
 
 
 @dataclass
 class _State:
-    kv: KV | None = None                      # each [1, Hkv * layers, L, D]
-    length: int = 0                           # pairs in kv
+    length: int = 0                           # committed pairs in the request's KV row
     pending_features: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] each
     pending_tokens: list[int] = field(default_factory=list)
-    last_hidden: torch.Tensor | None = None   # [H] drafter output at the last processed pair
-
-
-@dataclass
-class Pool:
-    """Candidate nodes of one batched expansion: ``[B, P]`` each, parent-before-child."""
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    scores: torch.Tensor
-
-
-class PoolBuilder:
-    """Appends ``[B, n]`` groups of candidate nodes; ``add`` returns their pool indices ``[B, n]``."""
-
-    def __init__(self):
-        self.tokens: list[torch.Tensor] = []
-        self.parents: list[torch.Tensor] = []
-        self.scores: list[torch.Tensor] = []
-        self.size = 0
-
-    def add(self, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.tokens.append(tokens)
-        self.parents.append(parents)
-        self.scores.append(scores)
-        first, self.size = self.size, self.size + tokens.shape[1]
-        return torch.arange(first, self.size).expand(tokens.shape[0], -1)
-
-    def build(self) -> Pool:
-        return Pool(torch.cat(self.tokens, 1), torch.cat(self.parents, 1), torch.cat(self.scores, 1))
-
-
-@dataclass
-class Beam:
-    """The ``k`` frontier nodes of every request after the serial (autoregressive) steps."""
-
-    tokens: torch.Tensor          # [B, k] target token ids
-    feats: torch.Tensor           # [B, k, H] drafter output that predicted each token
-    scores: torch.Tensor          # [B, k] cumulative log-prob
-    nodes: torch.Tensor           # [B, k] pool index
-    prev_tokens: torch.Tensor     # [B, k] the parent's token and feature (the root's: its own)
-    prev_feats: torch.Tensor      # [B, k, H]
-
-
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, n, ...]`` gathered at ``index [B, m]`` along dim 1 -> ``[B, m, ...]``."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+    last_hidden: torch.Tensor | None = None   # [H] drafter output at the last committed pair
 
 
 class EagleTreeDrafter(Drafter):
@@ -85,97 +42,92 @@ class EagleTreeDrafter(Drafter):
         self.max_tree_tokens = total_tokens
         self.depth, self.top_k = depth or self.default_depth, top_k
         self.states: dict[str, _State] = {}
+        cfg, weight = model.config, model.fc.weight
+        self.kv = DraftKV(cfg.num_hidden_layers * cfg.num_key_value_heads, cfg.head_dim, weight.dtype, weight.device)
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         for u in updates:
             if u.reset or u.request_id not in self.states:
                 self.states[u.request_id] = _State()
+                self.kv.allocate(u.request_id)
             st = self.states[u.request_id]
             st.pending_features.append(u.features)
             st.pending_tokens.extend(u.fed_tokens[1:] + [u.next_token])  # f_t pairs with x_{t+1}
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        self.kv.free(request_id)
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
-        """Requests sharing a tree shape (top_k, depth) are expanded together in one batch."""
+        """Requests sharing a tree shape (top_k, depth) are drafted together, in KV row order."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(requests):
             shape = (r.params.draft_top_k or self.top_k, r.params.draft_depth or self.depth)
             groups.setdefault(shape, []).append(i)
         trees: list[DraftTree | None] = [None] * len(requests)
         for (k, depth), members in groups.items():
-            states = [self._context_pass(self.states[requests[i].request_id]) for i in members]
-            pool = self.expand(states, k, depth)
-            for b, i in enumerate(members):
-                trees[i] = rerank(pool.tokens[b].tolist(), pool.parents[b].tolist(), pool.scores[b].tolist(),
-                                  min(requests[i].budget, self.max_tree_tokens))
+            members.sort(key=lambda i: self.kv.rows[requests[i].request_id])
+            budgets = [min(requests[i].budget, self.max_tree_tokens) for i in members]
+            pool = self.draft([requests[i].request_id for i in members], k, depth, budgets)
+            for i, tree in zip(members, self.trees(pool, budgets)):
+                trees[i] = tree
         return trees
 
-    def _context_pass(self, st: _State) -> _State:
-        """Run the pairs committed since the last step through the drafter, extending its KV."""
-        if st.pending_tokens:
-            feats = torch.cat(st.pending_features).unsqueeze(0)                     # [1, n, H]
-            n = feats.shape[1]
-            tokens = torch.tensor([st.pending_tokens])                               # [1, n]
-            positions = torch.arange(st.length, st.length + n).unsqueeze(0)
-            hidden, st.kv = self.model(tokens, feats, positions, st.kv)
-            st.length += n
-            st.last_hidden = hidden[0, -1]
-            st.pending_features, st.pending_tokens = [], []
-        return st
+    @torch.inference_mode()
+    def draft(self, request_ids: list[str], k: int, depth: int, budgets: list[int]) -> Pool:
+        """Context pass and expansion for a batch of requests -> their candidate pool (on device)."""
+        states = [self.states[r] for r in request_ids]
+        new = max(len(s.pending_tokens) for s in states)
+        base = max(s.length + len(s.pending_tokens) for s in states)
+        width = max(base + depth * k, max(s.length for s in states) + new)
+        self.kv.reserve(width)
+        batch = self.kv.batch(request_ids, width)
+        if new:
+            self.context_pass(batch, states, new)
+        device = self.kv.keys.device
+        lengths = torch.tensor([s.length for s in states], device=device)
+        ctx = DraftContext(batch, lengths, base, torch.stack([s.last_hidden for s in states]))
+        return self.expand(ctx, k, depth, PoolBuilder(budgets, device))
 
-    def _padded_past(self, states: list[_State]) -> tuple[KV, torch.Tensor, torch.Tensor]:
-        """Right-padded past KV ``[B, Hkv*layers, Lmax, D]``, validity ``[B, Lmax]``, lengths ``[B]``."""
-        lens = torch.tensor([s.length for s in states])
-        l_max = int(lens.max())
-        keys, values = [], []
-        for s in states:
-            pad = l_max - s.length
-            keys.append(torch.nn.functional.pad(s.kv[0], (0, 0, 0, pad)))
-            values.append(torch.nn.functional.pad(s.kv[1], (0, 0, 0, pad)))
-        valid = torch.arange(l_max)[None, :] < lens[:, None]
-        return (torch.cat(keys), torch.cat(values)), valid, lens
+    def context_pass(self, batch: KVBatch, states: list[_State], new: int) -> None:
+        """Run each row's pending pairs (``new`` columns at most) through the drafter, writing their KV after
+        its committed length."""
+        device, dtype, rows = self.kv.keys.device, self.kv.keys.dtype, len(states)
+        tokens = torch.zeros(rows, new, dtype=torch.long, device=device)                      # [B, n]
+        feats = torch.zeros(rows, new, self.model.config.hidden_size, dtype=dtype, device=device)  # [B, n, H]
+        counts = [len(s.pending_tokens) for s in states]
+        for b, s in enumerate(states):
+            if counts[b]:
+                tokens[b, :counts[b]] = torch.tensor(s.pending_tokens, device=device)
+                feats[b, :counts[b]] = torch.cat(s.pending_features)
+        lengths = torch.tensor([s.length for s in states], device=device)                     # [B]
+        columns = lengths[:, None] + torch.arange(new, device=device)                        # [B, n]
+        width = max(s.length for s in states) + new
+        mask = None
+        if rows > 1 or new > 1:                                  # row b, token t sees columns <= length_b + t
+            mask = (torch.arange(width, device=device)[None, None, :] <= columns[:, :, None]).unsqueeze(1)
+        start = states[0].length if rows == 1 else lengths
+        positions = columns.clamp(max=self.model.config.max_position_embeddings - 1)
+        hidden = self.model.step(tokens, feats, positions, Slots(batch, self.model.kv_heads, start, width),
+                                 mask)                                                        # [B, n, H]
+        self.kv.write_back(batch, columns)
+        for b, s in enumerate(states):
+            if counts[b]:
+                s.last_hidden = hidden[b, counts[b] - 1]
+                s.length += counts[b]
+                s.pending_features, s.pending_tokens = [], []
 
-    def expand(self, states: list[_State], k: int, depth: int) -> Pool:
-        """EAGLE-2 expansion for a batch of requests -> pool of ``k + depth * k * k`` nodes each."""
-        pool = PoolBuilder()
-        self.serial(states, k, depth, pool, all_children=True)
+    def expand(self, ctx: DraftContext, k: int, depth: int, pool: PoolBuilder) -> Pool:
+        """EAGLE-2: every child of every expanded node enters the pool (``k + depth * k * k`` nodes at most)."""
+        expansion = Expansion(self.model, ctx, k, depth)
+        frontier, nodes = expansion.roots(pool)                                               # [B, k]
+        for layer in expansion.layers(frontier, pool):
+            children = pool.add(layer.children, nodes.repeat_interleave(k, dim=1), layer.scores)  # [B, k * k]
+            nodes = children.gather(1, layer.sel)
         return pool.build()
 
-    def serial(self, states: list[_State], k: int, steps: int, pool: PoolBuilder, all_children: bool) -> Beam:
-        """Depth 1 (top ``k`` of each request's last drafter output), then ``steps`` batched drafter
-        forwards on the ``k`` frontier nodes. Each forward scores ``k * k`` children; the best ``k`` by
-        cumulative log-prob form the next frontier. ``all_children``: every child enters the pool
-        (EAGLE-2), else only the survivors (Gumiho)."""
-        model = self.model
-        past, valid, lens = self._padded_past(states)
-        h0 = torch.stack([s.last_hidden for s in states])                            # [B, H]
-        batch = h0.shape[0]
-        scores, idx = model.logits(h0).float().log_softmax(-1).topk(k, dim=-1)      # [B, k]
-        tokens = model.to_target_ids(idx)                                            # [B, k]
-        nodes = pool.add(tokens, torch.full((batch, k), -1), scores)                 # [B, k]
-        feats = h0.unsqueeze(1).expand(batch, k, h0.shape[-1])                       # [B, k, H]
-        prev_tokens, prev_feats = tokens, feats
-        history = torch.zeros(batch, k, 0, dtype=torch.bool)                         # frontier ancestry
-        eye = torch.eye(k, dtype=torch.bool).expand(batch, k, k)
-        for i in range(steps):
-            tree_mask = torch.cat([history, eye], dim=-1)                            # [B, k, (i+1)k]
-            mask = torch.cat([valid[:, None, :].expand(batch, k, -1), tree_mask], -1).unsqueeze(1)
-            positions = (lens + i)[:, None].expand(batch, k)
-            out, past = model(tokens, feats, positions, past, mask)                  # out [B, k, H]
-            child_lp, child_idx = model.logits(out).float().log_softmax(-1).topk(k, dim=-1)  # [B, k, k]
-            cumulative = (child_lp + scores[:, :, None]).flatten(1)                  # [B, k*k]
-            children = model.to_target_ids(child_idx).flatten(1)                     # [B, k*k]
-            scores, sel = cumulative.topk(k, dim=-1)                                 # [B, k]
-            parent_slot = sel // k
-            if all_children:
-                child_nodes = pool.add(children, nodes.repeat_interleave(k, dim=1), cumulative)
-                nodes = child_nodes.gather(1, sel)
-            else:
-                nodes = pool.add(children.gather(1, sel), nodes.gather(1, parent_slot), scores)
-            prev_tokens, prev_feats = tokens.gather(1, parent_slot), _rows(feats, parent_slot)
-            tokens, feats = children.gather(1, sel), _rows(out, parent_slot)
-            history = _rows(tree_mask, parent_slot)
-        return Beam(tokens, feats, scores, nodes, prev_tokens, prev_feats)
+    def trees(self, pool: Pool, budgets: list[int]) -> list[DraftTree]:
+        """One host transfer of the whole pool, then each request's rerank to its budget."""
+        host = torch.stack([pool.tokens.double(), pool.parents.double(), pool.scores.double()], 1).cpu().numpy()
+        return [rerank(h[0], h[1], h[2], budget) for h, budget in zip(host, budgets)]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from drafters.draft_kv import KV, ConcatKV, KVStore, Slots
 from kernels.linear import Linear, linear
 from server.models.llama import MLP, LlamaConfig, RMSNorm
-from server.models.rope import RotaryEmbedding
+from server.models.rope import RotaryEmbedding, apply_rotary
 
-KV = tuple[torch.Tensor, torch.Tensor]
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 
@@ -74,9 +74,9 @@ class EagleConfig:
 
 
 class EagleAttention(nn.Module):
-    """Llama self-attention over ``past + new`` keys with an explicit boolean mask (GQA via SDPA)."""
+    """Llama self-attention over the keys a cache returns (``Slots`` or ``ConcatKV``), GQA via SDPA."""
 
-    def __init__(self, cfg: EagleConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: EagleConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
@@ -84,42 +84,41 @@ class EagleAttention(nn.Module):
         self.sizes = [self.heads * self.head_dim, kv_size, kv_size]
         self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=False)
         self.o_proj = Linear(self.sizes[0], cfg.hidden_size, bias=False)
-        self.rope = rope
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [B, T, h, D]`` rotated at ``positions [B, T]`` -> ``[B, h, T, D]``."""
+    @staticmethod
+    def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x [B, T, h, D]`` rotated with tables ``[B * T, 1, D]`` -> ``[B, h, T, D]``."""
         b, t, h, d = x.shape
-        return self.rope(x.reshape(b * t, h, d), positions.reshape(-1)).view(b, t, h, d).transpose(1, 2)
+        return apply_rotary(x.reshape(b * t, h, d), *rope).view(b, t, h, d).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: KV | None,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVStore, layer: int,
+                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = self._rotate(q.view(b, t, self.heads, self.head_dim), positions)       # [B, H, T, D]
-        k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim), positions)    # [B, Hkv, T, D]
+        q = self._rotate(q.view(b, t, self.heads, self.head_dim), rope)            # [B, H, T, D]
+        k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim), rope)         # [B, Hkv, T, D]
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)             # [B, Hkv, T, D]
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        k, v = cache.store(layer, k, v)                                            # [B, Hkv, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=True)                      # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class EagleLayer(nn.Module):
     """Llama decoder layer; the first one (``index == 0``) has no input RMSNorm."""
 
-    def __init__(self, cfg: EagleConfig, rope: RotaryEmbedding, index: int):
+    def __init__(self, cfg: EagleConfig, index: int):
         super().__init__()
+        self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if index else nn.Identity()
-        self.self_attn = EagleAttention(cfg, rope)
+        self.self_attn = EagleAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.llama())
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: KV | None,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
-        attn, kv = self.self_attn(self.input_layernorm(x), positions, past, mask)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVStore,
+                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, self.index, mask, causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
@@ -139,9 +138,9 @@ class EagleDrafter(nn.Module):
                  head_token_ids: torch.Tensor | None = None):
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
-        self.layers = nn.ModuleList(EagleLayer(cfg, rope, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(EagleLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)   # [V, H]
         ids = None if head_token_ids is None else head_token_ids.long()
         self.register_buffer("head_token_ids", ids, persistent=False)                  # [K] or None
@@ -179,17 +178,25 @@ class EagleDrafter(nn.Module):
         including the past, each ``[B, Hkv * layers, P + T, D]`` (layer i owns heads
         ``[i * Hkv, (i + 1) * Hkv)``).
         """
-        x = self.fuse(tokens, features)                                              # [B, T, H]
         if attn_mask is None and past is not None:
             attn_mask = causal_mask(tokens.shape[1], past[0].shape[2], tokens.device)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            heads = slice(i * self.kv_heads, (i + 1) * self.kv_heads)
-            layer_past = None if past is None else (past[0][:, heads], past[1][:, heads])
-            x, (k, v) = layer(x, positions, layer_past, attn_mask)
-            keys.append(k)
-            values.append(v)
-        return x, (torch.cat(keys, dim=1), torch.cat(values, dim=1))
+        cache = ConcatKV(past, self.kv_heads)
+        return self._run(tokens, features, positions, cache, attn_mask, attn_mask is None), cache.result()
+
+    def step(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, slots: Slots,
+             attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """As ``forward``, with the new keys/values written into ``slots`` in place and attention over its
+        first ``slots.width`` columns; ``attn_mask`` ``[B, 1, T, width]`` (bool, or additive float in the
+        model's dtype), None = attend to every column. Returns hidden ``[B, T, H]``."""
+        return self._run(tokens, features, positions, slots, attn_mask, False)
+
+    def _run(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, cache: KVStore,
+             attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        x = self.fuse(tokens, features)                                              # [B, T, H]
+        rope = self.rope.tables(positions.reshape(-1), x.dtype)                     # [B * T, 1, D] each
+        for layer in self.layers:
+            x = layer(x, rope, cache, attn_mask, causal)
+        return x
 
 
 def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

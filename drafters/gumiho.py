@@ -6,11 +6,15 @@ Per request and step (the context pass and drafter KV are EAGLE's, ``EagleTreeDr
 2. ``depth - mlp_depths`` serial steps (at least 1): each expands the ``k`` beams into ``k``
    children each and keeps the best ``k`` by cumulative log-prob; only those survivors enter
    the pool (EAGLE-2 keeps all ``k * k``);
-3. one call of the parallel MLP heads on the ``k`` beams gives a distribution per beam and later
-   depth ``[B, k, mlp_depths, V]``. For each MLP depth j every current node takes the top
-   ``mlp_top_k`` tokens of its *originating beam's* head-j row (the heads are not
-   autoregressive), and the best ``pruning`` by cumulative score are kept globally;
-4. rerank of the whole pool (``k + k * serial_steps + mlp_depths * pruning`` nodes) to the budget.
+3. the parallel MLP heads on the ``k`` beams give a distribution per beam and later depth. For
+   each MLP depth j every current node takes the top ``mlp_top_k`` tokens of its *originating
+   beam's* head-j row (the heads are not autoregressive), and the best ``pruning`` by cumulative
+   score are kept globally;
+4. rerank of the whole pool (``k + k * serial_steps + mlp_depths * pruning`` nodes at most) to
+   the budget.
+
+The serial steps are ``drafters.expansion``'s; as in EAGLE, drafting stops (before a serial
+forward or an MLP head) once no deeper node could make any request's budget.
 
 The MLP input of beam b pairs b's own parent token with b's token (the faithful pairing; the
 released code pairs candidate b of depth 1 in rank order with beam b). Gumiho's Full Tree
@@ -21,10 +25,22 @@ Tree depth = ``depth + 1`` = serial tokens + MLP depths, as in Gumiho (``depth 6
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from drafters.eagle import Beam, EagleTreeDrafter, Pool, PoolBuilder, _State
+from drafters.eagle import EagleTreeDrafter
+from drafters.expansion import DraftContext, Expansion, Frontier, Pool, PoolBuilder
 from drafters.gumiho_model import GumihoDrafter
+
+
+@dataclass
+class Beam:
+    """The ``k`` beams after the serial steps: the MLP heads read each beam's last two serial nodes."""
+
+    prev: Frontier                # each beam's parent (a root child's parent: the root, with its own feature)
+    last: Frontier                # the beam's own node
+    nodes: torch.Tensor           # [B, k] pool index of ``last``
 
 
 class GumihoTreeDrafter(EagleTreeDrafter):
@@ -42,24 +58,35 @@ class GumihoTreeDrafter(EagleTreeDrafter):
         mlp_depths = min(self.model.config.mlp_num, depth - 1)
         return depth - mlp_depths, mlp_depths
 
-    def expand(self, states: list[_State], k: int, depth: int) -> Pool:
-        pool = PoolBuilder()
+    def expand(self, ctx: DraftContext, k: int, depth: int, pool: PoolBuilder) -> Pool:
+        """Serial steps where only the ``k`` survivors of each depth enter the pool, then the MLP stage."""
         steps, mlp_depths = self.split(depth)
-        beam = self.serial(states, k, steps, pool, all_children=False)
+        expansion = Expansion(self.model, ctx, k, steps)
+        roots, nodes = expansion.roots(pool)
+        beam = Beam(roots, roots, nodes)
+        for layer in expansion.layers(roots, pool):
+            kept = layer.survivors
+            beam = Beam(layer.parent.select(layer.slot), kept,
+                        pool.add(kept.tokens, beam.nodes.gather(1, layer.slot), kept.scores))
         if mlp_depths:
             self.parallel(beam, mlp_depths, pool)
         return pool.build()
 
     def parallel(self, beam: Beam, mlp_depths: int, pool: PoolBuilder) -> None:
-        """MLP stage: ``mlp_depths`` levels of per-beam top-``mlp_top_k`` with global pruning."""
+        """MLP stage: ``mlp_depths`` levels of per-beam top-``mlp_top_k`` with global pruning. Head j (its MLP and
+        the LM head over the ``k`` beams) runs only when the pool is not settled before depth j."""
+        if pool.settled(beam.last.scores):
+            return
         model = self.model
-        hidden = model.parallel(beam.prev_tokens, beam.prev_feats, beam.tokens, beam.feats)  # [B, k, M, H]
-        logp = model.logits(hidden[:, :, :mlp_depths]).float().log_softmax(-1)              # [B, k, m, V']
-        batch, k = beam.tokens.shape
-        rows = torch.arange(k).expand(batch, k)                 # originating beam of each current node
-        scores, nodes = beam.scores, beam.nodes                 # [B, n]
+        mlp_in = model.mlp_input(beam.prev.tokens, beam.prev.feats, beam.last.tokens, beam.last.feats)  # [B, k, 2H]
+        batch, k = beam.last.tokens.shape
+        rows = torch.arange(k, device=mlp_in.device).expand(batch, k)   # originating beam of each current node
+        scores, nodes = beam.last.scores, beam.nodes                    # [B, n]
         for j in range(mlp_depths):
-            head_j = logp[:, :, j].gather(1, rows[:, :, None].expand(-1, -1, logp.shape[-1]))  # [B, n, V']
+            if j and pool.settled(scores):
+                return
+            logp = model.logits(model.mlp.head(j, mlp_in)).float().log_softmax(-1)            # [B, k, V']
+            head_j = logp.gather(1, rows[:, :, None].expand(-1, -1, logp.shape[-1]))         # [B, n, V']
             top_lp, top_idx = head_j.topk(min(self.mlp_top_k, head_j.shape[-1]), dim=-1)    # [B, n, t]
             width = top_lp.shape[-1]
             cumulative = (top_lp + scores[:, :, None]).flatten(1)                           # [B, n*t]

@@ -64,6 +64,10 @@ class ParallelMLPs(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(x) for head in self.mlp], dim=-2)
 
+    def head(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Head ``i`` alone: ``[..., 2H]`` -> ``[..., H]`` (as ``forward(x)[..., i, :]``)."""
+        return self.mlp[i](x)
+
 
 class GumihoDrafter(EagleDrafter):
     """Serial EAGLE-style transformer (``forward``) plus parallel MLP heads (``parallel``)."""
@@ -79,7 +83,12 @@ class GumihoDrafter(EagleDrafter):
 
         tokens ``[...]``, features ``[..., H]`` -> ``[..., mlp_num, H]``.
         """
-        return self.mlp(torch.cat([self.fuse(tok_a, h_a), self.fuse(tok_b, h_b)], dim=-1))
+        return self.mlp(self.mlp_input(tok_a, h_a, tok_b, h_b))
+
+    def mlp_input(self, tok_a: torch.Tensor, h_a: torch.Tensor, tok_b: torch.Tensor,
+                  h_b: torch.Tensor) -> torch.Tensor:
+        """The heads' shared input ``cat(fc(embed(tok_a), h_a), fc(embed(tok_b), h_b))``: ``[..., 2H]``."""
+        return torch.cat([self.fuse(tok_a, h_a), self.fuse(tok_b, h_b)], dim=-1)
 
 
 _MLP_KEY = re.compile(r"^mlp\.mlp\.(\d+)\.(\d+)\.linear\.weight$")

@@ -16,6 +16,8 @@ from drafters.eagle import EagleTreeDrafter
 from drafters.eagle_model import EagleConfig, EagleDrafter
 from server.engine.request import SamplingParams
 
+FULL = 10**6
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_pair):
@@ -33,8 +35,7 @@ def test_pool_and_tree_structure(tiny):
     _, _, net = tiny
     d = EagleTreeDrafter(net, total_tokens=10, depth=3, top_k=3)
     feed_random_context(d, "a", [5, 6, 7, 8, 9])
-    states = [d._context_pass(d.states["a"])]
-    pool = d.expand(states, 3, 3)
+    pool = d.draft(["a"], 3, 3, [FULL])                               # a budget no pool reaches: no early stop
     assert pool.tokens.shape == (1, 3 + 3 * 9)                       # k + depth * k^2
     parents = pool.parents[0].tolist()
     assert all(-1 <= p < i for i, p in enumerate(parents))

@@ -22,6 +22,8 @@ from drafters.train.gumiho import train_gumiho
 from drafters.train.loop import TrainConfig
 from server.engine.request import SamplingParams
 
+FULL = 10**6
+
 HIDDEN = 64
 
 
@@ -60,7 +62,7 @@ def test_pool_structure(tiny, depth, k, pruning):
     feed_random_context(d, "a", [5, 6, 7, 8, 9])
     steps, mlp_depths = d.split(depth)
     assert steps + mlp_depths == depth and steps >= 1 and mlp_depths == min(5, depth - 1)
-    pool = d.expand([d._context_pass(d.states["a"])], k, depth)
+    pool = d.draft(["a"], k, depth, [FULL])                                 # no early stop: the whole pool
     assert pool.tokens.shape == (1, k + k * steps + mlp_depths * pruning)    # survivors only, then pruning
     parents = pool.parents[0].tolist()
     assert all(-1 <= p < i for i, p in enumerate(parents))
@@ -83,14 +85,14 @@ def test_mlp_input_pairs_each_beam_with_its_own_parent(tiny_pair, monkeypatch):
     d = GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=4)
     feed_random_context(d, "a", [5, 6, 7, 8, 9, 10])
     seen = {}
-    original = net.parallel
+    original = net.mlp_input
 
     def spy(tok_a, h_a, tok_b, h_b):
         seen.update(tok_a=tok_a.clone(), tok_b=tok_b.clone())
         return original(tok_a, h_a, tok_b, h_b)
 
-    monkeypatch.setattr(net, "parallel", spy)
-    pool = d.expand([d._context_pass(d.states["a"])], 4, 6)
+    monkeypatch.setattr(net, "mlp_input", spy)
+    pool = d.draft(["a"], 4, 6, [FULL])
     tokens, parents = pool.tokens[0].tolist(), pool.parents[0].tolist()
     beams = range(4, 8)                                                      # depth-2 survivors
     assert seen["tok_b"][0].tolist() == [tokens[b] for b in beams]
