@@ -30,8 +30,8 @@ class ServerConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
-    drafter: str = Field("auto", description="Speculative drafter: auto (eagle when the model ships one, as the "
-                                             "embedded model does; else none), none, lookup, eagle, gumiho, "
+    drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
+                                             "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
                                              "hybrid (prompt lookup merged into eagle's tree)")
     drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
                                                        "shipped drafter of the embedded model)")
