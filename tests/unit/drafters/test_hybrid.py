@@ -12,12 +12,10 @@ from helpers import (
     assert_matches_reference,
     feed_random_context,
     tiny_engine,
-    tiny_hf_config,
 )
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.eagle import EagleTreeDrafter
-from drafters.eagle_model import EagleConfig, EagleDrafter
 from drafters.hybrid import HybridConfig, HybridDrafter, either
 from drafters.tree import DraftTree
 from server.engine.request import SamplingParams
@@ -41,18 +39,6 @@ class FixedDrafter(Drafter):
 
     def release(self, request_id):
         self.released.append(request_id)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_pair):
-    hf, target = tiny_pair
-    torch.manual_seed(4)
-    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
-                       target.lm_head.weight).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return hf, target, net
 
 
 def ask(rid: str, tokens: list[int], budget: int) -> DraftRequest:
@@ -87,8 +73,8 @@ def commit(drafter: HybridDrafter, rid: str, tokens: list[int], accepted: list[i
 
 
 @pytest.mark.parametrize("budget", [4, 10, 16])
-def test_tree_structure_budget_and_lookup_path(tiny, budget):
-    _, _, net = tiny
+def test_tree_structure_budget_and_lookup_path(tiny_eagle, budget):
+    _, _, net = tiny_eagle
     d = HybridDrafter(EagleTreeDrafter(net, total_tokens=16, depth=3, top_k=3), HybridConfig(lookup_prior=0.9))
     feed_random_context(d, "a", REPEATED)
     tree = d.propose([ask("a", REPEATED, budget)])[0]
@@ -101,8 +87,8 @@ def test_tree_structure_budget_and_lookup_path(tiny, budget):
     assert (7, 8, 9) not in paths(eagle_alone.propose([ask("a", REPEATED, 16)])[0])  # lookup-only nodes
 
 
-def test_no_lookup_match_returns_model_tree_unchanged(tiny):
-    _, _, net = tiny
+def test_no_lookup_match_returns_model_tree_unchanged(tiny_eagle):
+    _, _, net = tiny_eagle
     d = HybridDrafter(EagleTreeDrafter(net, total_tokens=12, depth=3, top_k=3))
     eagle = EagleTreeDrafter(net, total_tokens=12, depth=3, top_k=3)
     for drafter in (d, eagle):
@@ -182,8 +168,8 @@ def test_lookup_confidence_trades_lookup_depth_against_model_nodes():
     assert lookup_nodes(0.95) == 6 and lookup_nodes(0.5) == 1 and lookup_nodes(0.05) == 0
 
 
-def test_batched_drafts_equal_one_by_one(tiny):
-    _, _, net = tiny
+def test_batched_drafts_equal_one_by_one(tiny_eagle):
+    _, _, net = tiny_eagle
     contexts = {"a": REPEATED, "b": [3, 4], "c": DISTINCT, "d": [20, 21, 22, 20, 21]}
     assert_batched_drafts_equal_solo(
         lambda: HybridDrafter(EagleTreeDrafter(net, total_tokens=12, depth=3, top_k=3)), contexts, 10)
@@ -218,8 +204,8 @@ def spy_lookup_acceptance(d: HybridDrafter) -> list[int]:
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_hybrid_is_lossless_and_lookup_contributes(tiny, batch):
-    hf, target, net = tiny
+def test_hybrid_is_lossless_and_lookup_contributes(tiny_eagle, batch):
+    hf, target, net = tiny_eagle
     d = HybridDrafter(EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3))
     lookup_accepted = spy_lookup_acceptance(d)
     engine = tiny_engine(target, num_blocks=256, drafter=d)
@@ -229,12 +215,12 @@ def test_hybrid_is_lossless_and_lookup_contributes(tiny, batch):
     assert not d.states and not d.model.states                           # released with the requests
 
 
-def test_registry_builds_hybrid_on_eagle_with_profile_hook(tiny, tmp_path, monkeypatch):
+def test_registry_builds_hybrid_on_eagle_with_profile_hook(tiny_eagle, tmp_path, monkeypatch):
     from drafters import registry
     from drafters.eagle_model import save_checkpoint
     from server.config import ServerConfig
 
-    _, target, net = tiny
+    _, target, net = tiny_eagle
     save_checkpoint(tmp_path / "eagle", net, net.config)
     (tmp_path / "eagle" / "acceptance.json").write_text(json.dumps({"tau_by_budget": {"8": 1.5}}))
     monkeypatch.setitem(registry.SHIPPED, "SmolLM2-135M-Instruct",
