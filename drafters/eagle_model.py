@@ -199,7 +199,7 @@ class EagleDrafter(nn.Module):
         return x
 
 
-def _own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def own_state(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """EAGLE names (separate q/k/v and gate/up) -> this module's fused names (other modules as is)."""
     own = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     for i in range(num_layers):
@@ -295,7 +295,7 @@ def assemble(cls: type[EagleDrafter], cfg: EagleConfig, sd: dict[str, torch.Tens
         head_ids = frequent_tokens(folder, head_vocab) if head_vocab else None
     embed_w, head_w = _weight(embed), _weight(lm_head)
     drafter = cls(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
-    own = _own_state(sd, cfg.num_hidden_layers)
+    own = own_state(sd, cfg.num_hidden_layers)
     drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in own.items()})
     return drafter.eval()
 

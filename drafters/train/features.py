@@ -28,7 +28,6 @@ from tqdm import tqdm
 from drafters.eagle_model import FREQ_FILE
 
 META_FILE = "meta.json"
-_RUN_KEYS = ("model", "data", "limit", "max_len", "seed", "shard_size")
 
 
 def distilled_records(folder: str | Path) -> list[dict[str, Any]]:
@@ -153,7 +152,7 @@ def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
             return Path(old[key]).resolve() == Path(run[key]).resolve()
         return old.get(key) == run[key]
 
-    differs = {k: (old.get(k), run[k]) for k in (*_RUN_KEYS, *(set(run) - set(_RUN_KEYS))) if not same(k)}
+    differs = {k: (old.get(k), run[k]) for k in run if not same(k)}
     if differs:
         raise ValueError(f"{work} holds features of another run {differs}; use a new work dir")
     return bool(old.get("complete"))

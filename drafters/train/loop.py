@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drafters.eagle_model import EagleDrafter, _own_state, read_checkpoint
+from drafters.eagle_model import EagleDrafter, own_state, read_checkpoint
 from drafters.train.features import FREQ_FILE, shard_paths
 
 
@@ -262,7 +262,7 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     embed_weight, lm_head_weight = embed_weight.float().to(cfg.device), lm_head_weight.float().to(cfg.device)
     drafter = recipe.build(target_config, embed_weight, lm_head_weight, ids).to(cfg.device)
     if init is not None:
-        drafter.load_state_dict(_own_state(init, drafter.config.num_hidden_layers))
+        drafter.load_state_dict(own_state(init, drafter.config.num_hidden_layers))
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log: list[dict[str, float]] = []
