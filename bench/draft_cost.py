@@ -39,7 +39,7 @@ from drafters.gumiho import GumihoTreeDrafter
 from drafters.gumiho_model import load_gumiho_checkpoint
 from drafters.registry import shipped_drafter
 from drafters.tree import DraftTree
-from kernels import SeqAttention, build_metadata
+from kernels import ReferenceBackend, SeqAttention
 from server.build import load_model, resolve_model_path
 from server.engine.request import SamplingParams
 from server.models.loader import load_tokenizer
@@ -78,11 +78,12 @@ class Target:
         shape = (blocks, BLOCK, c.num_key_value_heads, c.head_dim)
         self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
         self.table = list(range(blocks))
+        self.backend = ReferenceBackend(BLOCK)
 
     def forward(self, ids: list[int], start: int) -> torch.Tensor:
         """Hidden ``[n, H]`` of ``ids`` at positions ``start ..`` (earlier positions already in the cache)."""
-        meta = build_metadata([SeqAttention(self.table, start, len(ids))], BLOCK, torch.device("cpu"))
-        return self.model(torch.tensor(ids), torch.arange(start, start + len(ids)), self.kv, meta)
+        meta = self.backend.build_metadata([SeqAttention(self.table, start, len(ids))])
+        return self.model(torch.tensor(ids), torch.arange(start, start + len(ids)), self.kv, meta, self.backend)
 
     def continue_greedy(self, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
         """Prompt + greedy continuation, and the target features of every position ``[n, H]``."""

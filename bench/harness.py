@@ -69,7 +69,7 @@ def hf_model(cfg: ServerConfig):
     from server.build import resolve_model_path
     from server.models.loader import load_weights
 
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.torch_dtype)
     path = resolve_model_path(cfg.model)
     if path.is_dir():
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -105,7 +105,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
                    "draft_budget": engine.scheduler.policy.budget(args.concurrency),
                    "draft_budget_by_batch_size": engine.scheduler.policy.table(), "questions": args.questions,
                    "num_questions": len(prompts), "max_new_tokens": args.max_new_tokens,
-                   "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.dtype,
+                   "concurrency": args.concurrency, "turns": "first", "greedy": True, "dtype": cfg.torch_dtype,
                    "max_draft_tokens": cfg.max_draft_tokens, "draft_depth": cfg.draft_depth,
                    "draft_top_k": cfg.draft_top_k},
     }

@@ -39,7 +39,9 @@ def method_results(rows: list[Row], wall: float, baseline: list[Row] | None) -> 
         if baseline is not None:
             base = [base_by_q[r.question_id] for r in group]
             s["speedup"] = s["tokens_per_s"] / summarize(base)["tokens_per_s"]
-            s["identical_to_baseline"] = all(r.token_ids == b.token_ids for r, b in zip(group, base))
+            same = [r.token_ids == b.token_ids for r, b in zip(group, base)]
+            s["identical_to_baseline"] = all(same)
+            s["identical_rate"] = sum(same) / len(same)   # < 1 in bf16 where near-ties flip (report, not hide)
         return s
 
     return {"overall": block(rows, wall), "per_category": {c: block(g) for c, g in by_category(rows).items()}}

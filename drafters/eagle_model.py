@@ -294,7 +294,7 @@ def assemble(cls: type[EagleDrafter], cfg: EagleConfig, sd: dict[str, torch.Tens
     if head_vocab is not None:
         head_ids = frequent_tokens(folder, head_vocab) if head_vocab else None
     embed_w, head_w = _weight(embed), _weight(lm_head)
-    drafter = cls(cfg, embed_w, head_w, head_ids).to(embed_w.dtype)
+    drafter = cls(cfg, embed_w, head_w, head_ids).to(device=embed_w.device, dtype=embed_w.dtype)  # target's device
     own = own_state(sd, cfg.num_hidden_layers)
     drafter.load_state_dict({k: v.to(embed_w.dtype) for k, v in own.items()})
     return drafter.eval()

@@ -1,18 +1,26 @@
-"""Backend-neutral attention metadata for one forward over a ragged batch of sequences.
+"""Backend-neutral, ragged attention metadata for one forward over a batch of sequences.
 
 Every sequence contributes ``num_new`` query tokens that sit at KV positions
-``prefix_len .. prefix_len + num_new - 1`` of its block table (for a draft tree
-these are the lookahead slots). A query may attend to the whole committed prefix
-and to the new tokens its mask allows: causal for prefill/decode, the ancestor
-mask for draft-tree tokens.
+``prefix_len .. prefix_len + num_new - 1`` of its block table (for a draft tree these
+are the lookahead slots). A query attends to the whole committed prefix and to the new
+tokens its mask allows: causal for prefill chunks and decodes, the ancestor mask for
+draft-tree tokens. Nothing is padded to the longest query of the batch: queries are
+addressed by cumulative query lengths, context by block tables, tree masks are bit-packed.
+
+``MetadataBuilder`` fills persistent device buffers (grown when a batch outgrows them,
+otherwise reused step after step, so their addresses are stable for CUDA graphs) from
+host staging arrays in one copy per field.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+MASK_WORD_BITS = 32
 
 
 @dataclass
@@ -27,14 +35,49 @@ class SeqAttention:
 
 @dataclass
 class AttentionMetadata:
-    """Padded gather indices and masks, built once per forward and shared by all layers."""
+    """Ragged metadata of one forward, shared by all layers; tensors live on the model's device.
 
-    slot_mapping: torch.Tensor  # [T] flat KV slot written by each new token
-    query_index: torch.Tensor   # [B, Qmax] index into the T new tokens (padding -> 0)
-    query_valid: torch.Tensor   # [B, Qmax] bool
-    kv_index: torch.Tensor      # [B, Lmax] flat KV slot of each context position (padding -> 0)
-    attn_mask: torch.Tensor | None  # [B, 1, Qmax, Lmax] bool, True = may attend; None = attend to all
-    context_lens: list[int]     # per sequence, prefix_len + num_new
+    Query token ``t`` of sequence ``b`` (``cu_seqlens_q[b] <= t < cu_seqlens_q[b + 1]``, local index
+    ``i = t - cu_seqlens_q[b]``) sits at position ``prefix_lens[b] + i`` and may attend to context
+    position ``j`` when ``j < prefix_lens[b]``, or when ``j = prefix_lens[b] + c`` and
+    ``c <= i`` (causal, ``is_tree[b] == 0``) or bit ``c % 32`` of ``tree_masks[t, c // 32]`` is set
+    (``is_tree[b] == 1``).
+    """
+
+    slot_mapping: torch.Tensor   # [T] int64 flat KV slot (block * block_size + offset) written by each new token
+    cu_seqlens_q: torch.Tensor   # [B + 1] int32 start of each sequence's queries among the T new tokens
+    seq_lens: torch.Tensor       # [B] int32 context length after this pass (prefix_len + num_new)
+    prefix_lens: torch.Tensor    # [B] int32 committed KV entries before this pass
+    block_tables: torch.Tensor   # [B, max_blocks] int32 block ids (padding 0)
+    is_tree: torch.Tensor        # [B] int32 1: the new tokens use tree_masks, 0: causal
+    tree_masks: torch.Tensor     # [T, W] int32 bit-packed visibility of the sequence's new tokens (W >= 1)
+    block_size: int
+    seqs: list[SeqAttention]     # the host description (for backends that work on the host)
+    backend_data: Any = None     # what a backend derives once per step for all layers (e.g. padded gathers)
+
+    @property
+    def query_lens(self) -> list[int]:
+        return [s.num_new for s in self.seqs]
+
+    @property
+    def context_lens(self) -> list[int]:
+        return [s.prefix_len + s.num_new for s in self.seqs]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.context_lens)
 
 
 def slots_for(block_table: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
@@ -44,35 +87,85 @@ def slots_for(block_table: list[int], start: int, stop: int, block_size: int) ->
     return blocks * block_size + pos % block_size
 
 
+def pack_mask_rows(mask: np.ndarray, words: int) -> np.ndarray:
+    """``[n, m]`` bool -> ``[n, words]`` int32, bit ``c % 32`` of word ``c // 32`` = column ``c``."""
+    padded = np.zeros((mask.shape[0], words * MASK_WORD_BITS), dtype=bool)
+    padded[:, :mask.shape[1]] = mask
+    return np.packbits(padded, axis=1, bitorder="little").view("<i4").reshape(mask.shape[0], words)
+
+
+def unpack_mask_rows(packed: np.ndarray, columns: int) -> np.ndarray:
+    """Inverse of :func:`pack_mask_rows`: ``[n, words]`` int32 -> ``[n, columns]`` bool."""
+    bits = np.unpackbits(np.ascontiguousarray(packed, dtype="<i4").view(np.uint8), axis=1, bitorder="little")
+    return bits[:, :columns].astype(bool)
+
+
+class MetadataBuilder:
+    """Turns per-sequence descriptions into :class:`AttentionMetadata` in persistent device buffers."""
+
+    FIELDS: ClassVar[dict[str, torch.dtype]] = {"slot_mapping": torch.int64, "cu_seqlens_q": torch.int32, "seq_lens": torch.int32,
+              "prefix_lens": torch.int32, "block_tables": torch.int32, "is_tree": torch.int32,
+              "tree_masks": torch.int32}
+
+    def __init__(self, block_size: int, device: torch.device | str = "cpu"):
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A leading-corner view ``shape`` of the persistent buffer ``name``, regrown (doubling the outgrown
+        dimensions) when too small. A 2-D view keeps the buffer's row stride, so it may be non-contiguous."""
+        buf = self.buffers.get(name)
+        if buf is None or any(n > c for n, c in zip(shape, buf.shape)):
+            old = buf.shape if buf is not None else (0,) * len(shape)
+            cap = tuple(max(n, 2 * c, 16) if n > c else c for n, c in zip(shape, old))
+            buf = self.buffers[name] = torch.zeros(cap, dtype=self.FIELDS[name], device=self.device)
+        return buf[tuple(slice(0, n) for n in shape)]
+
+    def _put(self, name: str, host: np.ndarray) -> torch.Tensor:
+        view = self._buffer(name, host.shape)
+        view.copy_(torch.from_numpy(host), non_blocking=self.device.type == "cuda")
+        return view
+
+    def build(self, seqs: list[SeqAttention]) -> AttentionMetadata:
+        if not seqs:
+            raise ValueError("a forward needs at least one sequence")
+        q_lens = np.array([s.num_new for s in seqs], dtype=np.int64)
+        prefix = np.array([s.prefix_len for s in seqs], dtype=np.int64)
+        ctx = prefix + q_lens
+        cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu[1:])
+        max_blocks = max(1, -(-int(ctx.max()) // self.block_size))
+        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        slots = []
+        tree_sizes = [s.num_new for s in seqs if s.tree_mask is not None]
+        words = max(1, -(-max(tree_sizes, default=1) // MASK_WORD_BITS))
+        masks = np.zeros((int(cu[-1]), words), dtype=np.int32)
+        for b, s in enumerate(seqs):
+            used = -(-int(ctx[b]) // self.block_size)
+            if len(s.block_table) < used:
+                raise ValueError(f"sequence {b}: block table covers {len(s.block_table)} blocks, needs {used}")
+            tables[b, :used] = s.block_table[:used]
+            slots.append(slots_for(s.block_table, int(prefix[b]), int(ctx[b]), self.block_size))
+            if s.tree_mask is not None:
+                if s.tree_mask.shape != (s.num_new, s.num_new):
+                    raise ValueError(f"sequence {b}: tree mask {s.tree_mask.shape} for {s.num_new} new tokens")
+                masks[cu[b]:cu[b + 1]] = pack_mask_rows(s.tree_mask, words)
+        is_tree = np.array([s.tree_mask is not None for s in seqs], dtype=np.int32)
+        return AttentionMetadata(
+            slot_mapping=self._put("slot_mapping", np.concatenate(slots)),
+            cu_seqlens_q=self._put("cu_seqlens_q", cu),
+            seq_lens=self._put("seq_lens", ctx.astype(np.int32)),
+            prefix_lens=self._put("prefix_lens", prefix.astype(np.int32)),
+            block_tables=self._put("block_tables", tables),
+            is_tree=self._put("is_tree", is_tree),
+            tree_masks=self._put("tree_masks", masks),
+            block_size=self.block_size,
+            seqs=list(seqs),
+        )
+
+
 def build_metadata(seqs: list[SeqAttention], block_size: int, device: torch.device | str = "cpu"
                    ) -> AttentionMetadata:
-    """Flatten per-sequence descriptions into the padded tensors the backends consume."""
-    num_seqs = len(seqs)
-    q_max = max(s.num_new for s in seqs)
-    ctx = [s.prefix_len + s.num_new for s in seqs]
-    l_max = max(ctx)
-    query_index = np.zeros((num_seqs, q_max), dtype=np.int64)
-    query_valid = np.zeros((num_seqs, q_max), dtype=bool)
-    kv_index = np.zeros((num_seqs, l_max), dtype=np.int64)
-    mask = np.zeros((num_seqs, 1, q_max, l_max), dtype=bool)
-    slot_chunks = []
-    offset = 0
-    for b, s in enumerate(seqs):
-        n, p = s.num_new, s.prefix_len
-        query_index[b, :n] = np.arange(offset, offset + n)
-        query_valid[b, :n] = True
-        kv_index[b, :ctx[b]] = slots_for(s.block_table, 0, ctx[b], block_size)
-        slot_chunks.append(kv_index[b, p:ctx[b]])
-        mask[b, 0, :n, :p] = True
-        new_mask = s.tree_mask if s.tree_mask is not None else np.tri(n, dtype=bool)
-        mask[b, 0, :n, p:ctx[b]] = new_mask
-        mask[b, 0, n:, 0] = True  # padded query rows attend somewhere: no NaN rows
-        offset += n
-    return AttentionMetadata(
-        slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(device),
-        query_index=torch.from_numpy(query_index).to(device),
-        query_valid=torch.from_numpy(query_valid).to(device),
-        kv_index=torch.from_numpy(kv_index).to(device),
-        attn_mask=None if mask.all() else torch.from_numpy(mask).to(device),
-        context_lens=ctx,
-    )
+    """One-off metadata in fresh buffers (tests, benchmarks); engines keep a :class:`MetadataBuilder`."""
+    return MetadataBuilder(block_size, device).build(seqs)

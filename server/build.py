@@ -40,10 +40,9 @@ def served_name(cfg: ServerConfig, path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               backend: str | None = None) -> LlamaModel:
+def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaModel:
     hf_cfg, state = load_weights(path)
-    model = LlamaModel(LlamaConfig.from_hf(hf_cfg), backend=backend)
+    model = LlamaModel(LlamaConfig.from_hf(hf_cfg))
     model.load_hf_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -55,7 +54,8 @@ def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -
     batches, sizes = calibration_grid(cfg.max_num_seqs, cfg.max_draft_tokens)
     verify, contexts = measure_verify_table(runner, batches, sizes)
     c = runner.model.config
-    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, list(verify), sizes)
+    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, list(verify), sizes, device=runner.device,
+                               dtype=runner.kv_caches[0][0].dtype)
     verify, draft = monotone(verify), monotone(draft)
     profile = drafter.acceptance_profile
     policy = choose_budgets(verify, profile, draft, cfg.max_num_seqs)
@@ -75,8 +75,8 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     path = resolve_model_path(cfg.model)
-    dtype = getattr(torch, cfg.dtype)
-    model = load_model(path, cfg.device, dtype, cfg.attention_backend)
+    dtype = getattr(torch, cfg.torch_dtype)
+    model = load_model(path, cfg.device, dtype)
     tokenizer = load_tokenizer(path)
     mc = model.config
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -85,7 +85,7 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     kv = KVManager(BlockPool(num_blocks, cfg.block_size))
     drafter = build_drafter(cfg.drafter, cfg, model)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
-    runner = ModelRunner(model, kv, cfg.device, dtype, drafter)
+    runner = ModelRunner(model, kv, cfg.device, dtype, drafter, cfg.attention_backend)
     policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
     if drafter is not None and cfg.calibrate_tree:
         policy = calibrate_budget(runner, drafter, cfg)

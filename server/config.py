@@ -22,8 +22,10 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
     device: str = Field("cpu", description="torch device: cpu or cuda")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight/KV dtype")
-    attention_backend: str | None = Field(None, description="Force an attention backend (default: by device)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight/KV dtype (auto: bfloat16 on CUDA, float32 on CPU, where bf16 is slower)")
+    attention_backend: Literal["reference", "triton", "flash"] | None = Field(
+        None, description="Force an attention backend (default: triton on CUDA, reference on CPU)")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is not set")
     num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides kv_cache_gib)")
@@ -49,6 +51,13 @@ class ServerConfig(BaseModel):
                                                   "second; false: max_draft_tokens at every load")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @property
+    def torch_dtype(self) -> str:
+        """The dtype name after resolving ``auto`` for the device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServerConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+from kernels.backend import AttentionBackend
 from kernels.linear import Linear
 from kernels.metadata import AttentionMetadata
 from server.models.rope import RotaryEmbedding, apply_rotary
@@ -85,7 +85,8 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)     # [T, H, D]
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)  # [T, Hkv, D]
@@ -122,7 +123,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder stack + LM head. ``forward`` returns post-norm features (the EAGLE feature)."""
 
-    def __init__(self, cfg: LlamaConfig, backend: str | None = None):
+    def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
@@ -132,15 +133,16 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.backend = kernels.get_backend(name=backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]``."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]``; ``meta`` was built by
+        ``backend`` (the runner's choice for its device)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta, self.backend)
+            x = layer(x, rope, kv, meta, backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

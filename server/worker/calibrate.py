@@ -9,16 +9,16 @@ once. ``server.engine.budget.choose_budgets`` turns the tables into the budget p
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
-from kernels import SeqAttention, build_metadata
+from kernels import SeqAttention
 from server.cache.kv_manager import blocks_needed
 from server.engine.budget import CostTable
 from server.engine.request import SamplingParams
+from server.worker.device import now
 from server.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: 
                  warmup: int) -> list[float]:
     """Seconds of ``repeats`` forwards (metadata included, after ``warmup`` untimed ones) over ``len(tables)``
     requests with ``1 + n`` new tokens each."""
-    model, kv = runner.model, runner.kv
+    model = runner.model
     mask = np.tri(n + 1, dtype=bool) if n else None               # cost does not depend on the tree's shape
     seqs = [SeqAttention(t, context, n + 1, mask) for t in tables]
     tokens = torch.randint(0, model.config.vocab_size, (len(tables) * (n + 1),),
@@ -54,11 +54,11 @@ def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: 
     rows = torch.arange(len(tables) * (n + 1), device=runner.device)  # verify: all rows; decode: the only one
     times = []
     for _ in range(warmup + repeats):
-        t = time.perf_counter()
-        meta = build_metadata(seqs, kv.block_size, runner.device)
-        hidden = model(tokens, positions, runner.kv_caches, meta)  # [b * (1 + n), hidden]
+        t = now(runner.device)
+        meta = runner.backend.build_metadata(seqs)
+        hidden = model(tokens, positions, runner.kv_caches, meta, runner.backend)  # [b * (1 + n), hidden]
         model.compute_logits(hidden[rows])                         # [b * (1 + n), V]
-        times.append(time.perf_counter() - t)
+        times.append(now(runner.device) - t)
     return times[warmup:]
 
 
@@ -115,12 +115,12 @@ def _asks(tokens: dict[str, list[int]], budget: int) -> list[DraftRequest]:
 
 
 def _commit_one(drafter: Drafter, tokens: dict[str, list[int]], hidden_size: int, vocab_size: int,
-                g: torch.Generator) -> None:
+                g: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
     """Tell the drafter every calibration request committed one more token, as after a plain step."""
     updates = []
     for rid, toks in tokens.items():
         nxt = int(torch.randint(0, vocab_size, (1,), generator=g))
-        features = torch.randn(1, hidden_size, generator=g)                                # [1, hidden]
+        features = torch.randn(1, hidden_size, generator=g).to(device, dtype)              # [1, hidden]
         updates.append(AcceptUpdate(rid, len(toks) - 1, toks[-1:], features, nxt))
         toks.append(nxt)
     drafter.on_accept(updates)
@@ -128,7 +128,8 @@ def _commit_one(drafter: Drafter, tokens: dict[str, list[int]], hidden_size: int
 
 @torch.inference_mode()
 def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batches: list[int],
-                       sizes: list[int], context: int = 256, repeats: int = 2) -> CostTable:
+                       sizes: list[int], context: int = 256, repeats: int = 2, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> CostTable:
     """Seconds of ``drafter.propose`` for ``b`` requests at once (the fastest of ``repeats``), per batch size
     and budget > 0.
 
@@ -138,7 +139,8 @@ def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batc
     g = torch.Generator().manual_seed(0)
     tokens = {rid: torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
               for rid in calibration_ids(max(batches))}
-    features = [torch.randn(context, hidden_size, generator=g) for _ in tokens]    # each [context, hidden]
+    device = torch.device(device)
+    features = [torch.randn(context, hidden_size, generator=g).to(device, dtype) for _ in tokens]  # [context, hidden]
     try:
         drafter.on_accept([AcceptUpdate(rid, 0, toks[:-1], f, toks[-1], reset=True)
                            for (rid, toks), f in zip(tokens.items(), features)])
@@ -150,10 +152,10 @@ def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batc
             for n in (n for n in sizes if n > 0):
                 times = []
                 for _ in range(repeats):
-                    _commit_one(drafter, batch, hidden_size, vocab_size, g)
-                    t = time.perf_counter()
+                    _commit_one(drafter, batch, hidden_size, vocab_size, g, device, dtype)
+                    t = now(device)
                     drafter.propose(_asks(batch, n))
-                    times.append(time.perf_counter() - t)
+                    times.append(now(device) - t)
                 table[b][n] = min(times)
         return table
     finally:

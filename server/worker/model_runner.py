@@ -9,7 +9,6 @@ accepted path's KV is then compacted into contiguous slots.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,10 +16,11 @@ import torch
 from drafters.accept import AcceptResult, greedy_accept, sample_accept
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.tree import DraftTree
-from kernels import SeqAttention, build_metadata, slots_for
+from kernels import SeqAttention, get_backend, slots_for
 from server.cache.kv_manager import KVManager
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 from server.models.llama import LlamaModel
+from server.worker.device import now
 from server.worker.sampling import new_generator, processed_probs, sample_token
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,20 @@ def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVManager, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 drafter: Drafter | None = None):
+                 drafter: Drafter | None = None, attention_backend: str | None = None):
         self.model = model
         self.kv = kv
         self.drafter = drafter
         self.device = torch.device(device)
+        self.backend = get_backend(kv.block_size, self.device, attention_backend)
         c = model.config
         shape = (kv.pool.num_blocks, kv.block_size, c.num_key_value_heads, c.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]
         self.generators: dict[str, torch.Generator] = {}
-        log.info("KV cache: %d blocks x %d slots (%.1f MiB)", kv.pool.num_blocks, kv.block_size,
-                 kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20)
+        log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,
+                 kv.block_size, kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20, self.backend.name)
 
     def _trees(self, sched: SchedulerOutput) -> dict[str, DraftTree]:
         decode = [s for s in sched.scheduled if not s.is_prefill and s.num_lookahead > 0]
@@ -66,9 +67,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One target forward over all prefills and (tree-)decodes; returns committed tokens."""
-        t0 = time.perf_counter()
+        t0 = now(self.device)
         trees = self._trees(sched)
-        t1 = time.perf_counter()
+        t1 = now(self.device)
         ids, positions, seqs = [], [], []
         for s in sched.scheduled:
             req, start = s.request, s.request.num_computed_tokens
@@ -83,14 +84,14 @@ class ModelRunner:
                 positions.extend((start + tree.position_offsets()).tolist())
                 seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(tree) + 1,
                                          tree.ancestor_mask(include_root=True)))
-        meta = build_metadata(seqs, self.kv.block_size, self.device)
+        meta = self.backend.build_metadata(seqs)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            self.kv_caches, meta)                                  # [T, hidden]
+                            self.kv_caches, meta, self.backend)                    # [T, hidden]
         n_logits = [seq.num_new if seq.tree_mask is not None else 1 for seq in seqs]  # every tree row, else last
         ends = torch.tensor([seq.num_new for seq in seqs]).cumsum(0).tolist()
         wanted = [i for end, n in zip(ends, n_logits) for i in range(end - n, end)]
         logits = self.model.compute_logits(hidden[wanted]).float()                 # [R, V]
-        t2 = time.perf_counter()
+        t2 = now(self.device)
         out, updates, row = RunnerOutput(), [], 0
         for s, seq, end, n in zip(sched.scheduled, seqs, ends, n_logits):
             updates.append(self._finish_request(s, hidden[end - seq.num_new:end], logits[row:row + n],
@@ -98,7 +99,7 @@ class ModelRunner:
             row += n
         if self.drafter is not None:
             self.drafter.on_accept(updates)
-        out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": time.perf_counter() - t2}
+        out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": now(self.device) - t2}
         return out
 
     def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, logits: torch.Tensor,
@@ -137,7 +138,7 @@ class ModelRunner:
         src = torch.from_numpy(tree_slots[[a for a, _ in moves]]).to(self.device)
         dst = torch.from_numpy(tree_slots[[b for _, b in moves]]).to(self.device)
         for k_cache, v_cache in self.kv_caches:
-            self.model.backend.copy_slots(k_cache, v_cache, src, dst)
+            self.backend.copy_slots(k_cache, v_cache, src, dst)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state when a request ends."""

@@ -30,3 +30,9 @@ def test_invalid_values_are_rejected():
         parse("--dtype", "int3")
     with pytest.raises(ValidationError):
         ServerConfig(unknown_field=1)
+
+
+def test_auto_dtype_follows_the_device():
+    assert ServerConfig(device="cpu").torch_dtype == "float32"
+    assert ServerConfig(device="cuda").torch_dtype == "bfloat16"
+    assert ServerConfig(device="cuda", dtype="float16").torch_dtype == "float16"

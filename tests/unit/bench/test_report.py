@@ -34,6 +34,8 @@ def test_identity_detects_a_difference():
     base = [row(1, "a", 10, 1.0)]
     other = [Row(1, "a", token_ids=list(range(9)) + [99], wall_time=1.0)]
     assert method_results(other, 1.0, base)["overall"]["identical_to_baseline"] is False
+    two = method_results(other + [row(2, "b", 10, 1.0)], 1.0, base + [row(2, "b", 10, 1.0)])["overall"]
+    assert two["identical_rate"] == 0.5
 
 
 def test_plot_writes_png(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels import SeqAttention, build_metadata, reference, slots_for
+from kernels import ReferenceBackend, SeqAttention, build_metadata, slots_for
+
+reference = ReferenceBackend(4)
 
 
 def dense_attention(q, k, v, mask, scale):

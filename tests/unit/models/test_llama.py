@@ -6,17 +6,17 @@ import pytest
 import torch
 from helpers import hf_model_from, make_kv, native_from, tiny_hf_config
 
-from kernels import SeqAttention, build_metadata
+from kernels import ReferenceBackend, SeqAttention
 
 
 def native_logits(model, ids: list[int], chunks: list[int], block_size: int = 4) -> torch.Tensor:
     """Run ``ids`` through the paged model in the given chunk sizes (prefill then decode steps)."""
     kv = make_kv(model.config, num_blocks=64, block_size=block_size)
     table = list(range(63, 63 - (len(ids) + block_size) // block_size - 1, -1))  # non-contiguous blocks
-    out, done = [], 0
+    out, done, backend = [], 0, ReferenceBackend(block_size)
     for n in chunks:
-        meta = build_metadata([SeqAttention(table, done, n)], block_size)
-        hidden = model(torch.tensor(ids[done:done + n]), torch.arange(done, done + n), kv, meta)
+        meta = backend.build_metadata([SeqAttention(table, done, n)])
+        hidden = model(torch.tensor(ids[done:done + n]), torch.arange(done, done + n), kv, meta, backend)
         out.append(model.compute_logits(hidden))
         done += n
     return torch.cat(out)

@@ -48,7 +48,7 @@ def test_engine_keeps_its_drafter_when_no_tree_pays(monkeypatch, default_model_d
     monkeypatch.setattr(registry, "load_acceptance_profile", lambda folder: {4: 1.1, 8: 1.2})
     monkeypatch.setattr(build, "measure_verify_table", lambda runner, batches, sizes: (
         {b: {n: b * (1.0 + n) for n in sizes} for b in batches}, {b: 256 for b in batches}))
-    monkeypatch.setattr(build, "measure_draft_cost", lambda drafter, h, v, batches, sizes: {
+    monkeypatch.setattr(build, "measure_draft_cost", lambda drafter, h, v, batches, sizes, **_: {
         b: {n: 1.0 for n in sizes if n} for b in batches})
     engine, _ = build.build_engine(ServerConfig(model=str(default_model_dir), drafter="eagle",
                                                 num_kv_blocks=64, max_draft_tokens=8, max_num_seqs=4))
