@@ -61,8 +61,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise RuntimeError("chat template was not preserved in the converted tokenizer")
 
 
-def ensure_default_model(dest: str | Path | None = None) -> Path:
-    """Return a ready model folder at ``dest``, fetching and converting it first if needed.
+def ensure_default_model(dest: str | Path | None = None, gguf: Path | None = None) -> Path:
+    """Return a ready model folder at ``dest``, fetching and converting it first if needed
+    (``gguf``: convert this local copy of the GGUF instead of downloading, e.g. on a machine offline).
 
     Idempotent: a folder holding the ``.complete`` marker is returned as is. Work happens in a
     temporary folder beside ``dest`` that is renamed into place only when complete.
@@ -76,7 +77,7 @@ def ensure_default_model(dest: str | Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="treespec-fetch-") as workdir:
-            _convert(_download_gguf(Path(workdir)), staging)
+            _convert(gguf if gguf is not None else _download_gguf(Path(workdir)), staging)
         for item in staging.iterdir():
             item.chmod(0o644)
         staging.chmod(0o755)  # mkdtemp makes it private
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Fetch and convert the default SmolLM2-135M-Instruct model.")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="output folder (default %(default)s)")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="convert this local SmolLM2-135M-Instruct.Q4_1.gguf instead of downloading it")
     args = parser.parse_args(argv)
-    ensure_default_model(args.dest)
+    ensure_default_model(args.dest, args.gguf)
 
 
 if __name__ == "__main__":

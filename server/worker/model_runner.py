@@ -109,7 +109,7 @@ class ModelRunner:
         rid, start = req.request_id, req.num_computed_tokens
         gen = self.generators.get(rid)
         if gen is None:
-            gen = self.generators[rid] = new_generator(req.params.seed)
+            gen = self.generators[rid] = new_generator(req.params.seed, self.device)
         if tree is None:
             token = sample_token(logits[-1], req.params, gen)
             out.new_tokens[rid] = [token]

@@ -1,4 +1,8 @@
-"""Logit processing (temperature, top-k, top-p) and per-request seeded sampling."""
+"""Logit processing (temperature, top-k, top-p) and per-request seeded sampling.
+
+Every draw happens on the generator's device and never waits for the device: the only host
+transfer is the caller's, when it reads the sampled index.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,27 @@ import torch
 from server.engine.request import SamplingParams
 
 
-def new_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded from ``seed``, or from the OS when no seed is given."""
+def new_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from ``seed``, or from the OS when no seed is given."""
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") >> 1
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def exponential_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """I.i.d. ``Exp(1)`` noise shaped like ``like``, on its device, strictly positive."""
+    noise = torch.empty_like(like).exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a CPU draw can be exactly 0
+
+
+def sample_rows(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of non-negative, unnormalised ``weights`` (``[R, V] -> [R]`` int64).
+
+    Exponential race: ``argmax(w / E)`` with ``E ~ Exp(1)`` i.i.d. picks ``i`` with probability
+    ``w[i] / sum(w)``. It is what ``torch.multinomial`` does for one sample, minus the input
+    checks that read the tensor back to the host. A row without mass yields an arbitrary index.
+    """
+    return (weights / exponential_noise(weights, generator)).argmax(-1)
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -31,8 +51,12 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One next token from ``logits [V]``: argmax when greedy, else a seeded draw."""
+    """One next token from ``logits [V]``: argmax when greedy, else a seeded draw.
+
+    The draw runs on ``generator.device`` (``logits`` move there first if they live elsewhere);
+    reading the token back is the one host transfer.
+    """
     if params.greedy:
         return int(logits.argmax())
-    probs = processed_probs(logits.unsqueeze(0), params)[0]
-    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator))
+    probs = processed_probs(logits.to(generator.device).unsqueeze(0), params)  # [1, V]
+    return int(sample_rows(probs, generator)[0])

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from server.engine.request import SamplingParams
-from server.worker.sampling import new_generator, processed_probs, sample_token
+from server.worker.sampling import (
+    exponential_noise,
+    new_generator,
+    processed_probs,
+    sample_rows,
+    sample_token,
+)
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
@@ -45,3 +52,40 @@ def test_sampling_follows_the_distribution():
     draws = torch.tensor([sample_token(LOGITS[0], params, gen) for _ in range(4000)])
     freq = torch.bincount(draws, minlength=5).float() / 4000
     torch.testing.assert_close(freq, LOGITS[0].softmax(-1), atol=0.03, rtol=0)
+
+
+def test_generator_lives_on_the_requested_device():
+    for device in ("cpu", torch.device("cpu")):
+        gen = new_generator(5, device)
+        assert gen.device == torch.device("cpu") and gen.initial_seed() == 5
+    assert new_generator(None).initial_seed() != new_generator(None).initial_seed()
+
+
+def test_sample_rows_follows_weights_and_skips_zeros():
+    gen = new_generator(1)
+    weights = torch.tensor([[0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 6.0]])  # [3, 4]
+    draws = torch.stack([sample_rows(weights, gen) for _ in range(4000)])  # [4000, 3]
+    assert (draws[:, 0] == 2).all() and (draws[:, 1] == 0).all()
+    assert set(draws[:, 2].tolist()) == {1, 3}
+    assert abs((draws[:, 2] == 3).float().mean().item() - 0.75) < 0.03
+    assert (exponential_noise(torch.empty(10_000), gen) > 0).all()
+
+
+class _Ops(TorchDispatchMode):
+    """Records the aten ops run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_sample_token_reads_the_device_once():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    with _Ops() as ops:
+        sample_token(logits, SamplingParams(temperature=0.7, top_k=50, top_p=0.9), new_generator(2))
+    assert ops.names.count("aten._local_scalar_dense") == 1
+    assert not {"aten.multinomial", "aten.nonzero", "aten.masked_select"} & set(ops.names)
