@@ -18,6 +18,7 @@ from kernels.metadata import AttentionMetadata, MetadataBuilder, SeqAttention
 
 class AttentionBackend:
     name = "base"
+    graphable = False   # True when prepare/attend run on the device alone (CUDA-graph capturable)
 
     def __init__(self, block_size: int, device: torch.device | str = "cpu"):
         self.device = torch.device(device)

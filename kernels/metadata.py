@@ -80,6 +80,19 @@ class AttentionMetadata:
         return max(self.context_lens)
 
 
+@dataclass(frozen=True)
+class Padding:
+    """Fixed shapes for a captured (CUDA graph) forward: ``seqs`` sequences and ``tokens`` tokens in all,
+    the real ones first; padded sequences have no queries and no context, padded tokens write their
+    (ignored) keys and values to ``scratch_slot``."""
+
+    seqs: int
+    tokens: int
+    mask_words: int
+    table_width: int
+    scratch_slot: int
+
+
 def slots_for(block_table: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
     """Flat KV slots of positions [start, stop) of a sequence: int64 [stop - start]."""
     pos = np.arange(start, stop, dtype=np.int64)
@@ -127,20 +140,31 @@ class MetadataBuilder:
         view.copy_(torch.from_numpy(host), non_blocking=self.device.type == "cuda")
         return view
 
-    def build(self, seqs: list[SeqAttention]) -> AttentionMetadata:
+    def build(self, seqs: list[SeqAttention], pad: Padding | None = None) -> AttentionMetadata:
+        """Metadata for ``seqs``; with ``pad``, in exactly the padded shapes (``ValueError`` if they do not fit)."""
         if not seqs:
             raise ValueError("a forward needs at least one sequence")
         q_lens = np.array([s.num_new for s in seqs], dtype=np.int64)
         prefix = np.array([s.prefix_len for s in seqs], dtype=np.int64)
         ctx = prefix + q_lens
-        cu = np.zeros(len(seqs) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=cu[1:])
+        num_tokens = int(q_lens.sum())
         max_blocks = max(1, -(-int(ctx.max()) // self.block_size))
-        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
-        slots = []
         tree_sizes = [s.num_new for s in seqs if s.tree_mask is not None]
         words = max(1, -(-max(tree_sizes, default=1) // MASK_WORD_BITS))
-        masks = np.zeros((int(cu[-1]), words), dtype=np.int32)
+        rows, width, total = len(seqs), max_blocks, num_tokens
+        if pad is not None:
+            if rows > pad.seqs or total > pad.tokens or words > pad.mask_words or width > pad.table_width:
+                raise ValueError(f"batch ({rows} seqs, {total} tokens, {words} mask words, {width} blocks) "
+                                 f"does not fit {pad}")
+            rows, width, total, words = pad.seqs, pad.table_width, pad.tokens, pad.mask_words
+            prefix = np.pad(prefix, (0, rows - len(seqs)))
+            ctx = np.pad(ctx, (0, rows - len(seqs)))
+        cu = np.full(rows + 1, num_tokens, dtype=np.int32)
+        cu[0] = 0
+        np.cumsum(q_lens, out=cu[1:len(seqs) + 1])
+        tables = np.zeros((rows, width), dtype=np.int32)
+        slots = []
+        masks = np.zeros((total, words), dtype=np.int32)
         for b, s in enumerate(seqs):
             used = -(-int(ctx[b]) // self.block_size)
             if len(s.block_table) < used:
@@ -151,7 +175,10 @@ class MetadataBuilder:
                 if s.tree_mask.shape != (s.num_new, s.num_new):
                     raise ValueError(f"sequence {b}: tree mask {s.tree_mask.shape} for {s.num_new} new tokens")
                 masks[cu[b]:cu[b + 1]] = pack_mask_rows(s.tree_mask, words)
-        is_tree = np.array([s.tree_mask is not None for s in seqs], dtype=np.int32)
+        if pad is not None:
+            slots.append(np.full(total - num_tokens, pad.scratch_slot, dtype=np.int64))
+        is_tree = np.zeros(rows, dtype=np.int32)
+        is_tree[:len(seqs)] = [s.tree_mask is not None for s in seqs]
         return AttentionMetadata(
             slot_mapping=self._put("slot_mapping", np.concatenate(slots)),
             cu_seqlens_q=self._put("cu_seqlens_q", cu),

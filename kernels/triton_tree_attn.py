@@ -153,6 +153,7 @@ class TritonBackend(AttentionBackend):
     """
 
     name = "triton"
+    graphable = True
 
     def __init__(self, block_size: int, device: torch.device | str = "cpu", *, block_q: int | None = None,
                  block_n: int = 64):

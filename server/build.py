@@ -86,6 +86,8 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     drafter = build_drafter(cfg.drafter, cfg, model)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter, cfg.attention_backend)
+    if cfg.cuda_graphs or (cfg.cuda_graphs is None and runner.device.type == "cuda" and runner.backend.graphable):
+        runner.enable_cuda_graphs(cfg.max_num_seqs, lookahead, max_len)
     policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
     if drafter is not None and cfg.calibrate_tree:
         policy = calibrate_budget(runner, drafter, cfg)

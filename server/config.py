@@ -26,6 +26,8 @@ class ServerConfig(BaseModel):
         "auto", description="Weight/KV dtype (auto: bfloat16 on CUDA, float32 on CPU, where bf16 is slower)")
     attention_backend: Literal["reference", "triton", "flash"] | None = Field(
         None, description="Force an attention backend (default: triton on CUDA, reference on CPU)")
+    cuda_graphs: bool | None = Field(None, description="Replay decode/verify steps from CUDA graphs captured at "
+                                                       "start-up (default: on with CUDA and a device-only backend)")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is not set")
     num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides kv_cache_gib)")

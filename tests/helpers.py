@@ -63,9 +63,11 @@ class ByteTokenizer:
 
 
 def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None, budget_policy=None):
-    """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``); ``budget_policy``
-    (a ``BudgetPolicy``) picks the draft budget per step, else the drafter's ``max_tree_tokens`` always."""
+                max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None, budget_policy=None,
+                device: str = "cpu", attention_backend: str | None = None, cuda_graphs: bool = False):
+    """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``; moved to ``device``);
+    ``budget_policy`` (a ``BudgetPolicy``) picks the draft budget per step, else the drafter's
+    ``max_tree_tokens`` always."""
     from server.cache.block_pool import BlockPool
     from server.cache.kv_manager import KVManager
     from server.engine.llm_engine import LLMEngine
@@ -74,11 +76,15 @@ def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_s
 
     if model is None:
         model = native_from(tiny_hf_config(), hf_model_from(tiny_hf_config()).state_dict())
+    model = model.to(device)
     kv = KVManager(BlockPool(num_blocks, block_size))
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
     config = SchedulerConfig(max_num_seqs, max_model_len, lookahead, max_model_len, budget_policy)
     scheduler = Scheduler(config, kv)
-    return LLMEngine(scheduler, ModelRunner(model, kv, drafter=drafter), ByteTokenizer(), max_model_len, eos)
+    runner = ModelRunner(model, kv, device, next(model.parameters()).dtype, drafter, attention_backend)
+    if cuda_graphs:
+        runner.enable_cuda_graphs(max_num_seqs, lookahead, max_model_len)
+    return LLMEngine(scheduler, runner, ByteTokenizer(), max_model_len, eos)
 
 
 @torch.inference_mode()
@@ -185,14 +191,15 @@ def assert_batched_drafts_equal_solo(make_drafter, contexts: dict[str, list[int]
         assert tree.scores == pytest.approx(solo[rid].scores, rel=1e-4, abs=1e-4)   # fp32 rounding of padded batches
 
 
-def assert_drafter_lossless(hf_model, target, drafter, batch: int, seed: int, max_tokens: int = 25) -> None:
+def assert_drafter_lossless(hf_model, target, drafter, batch: int, seed: int, max_tokens: int = 25,
+                            **engine_options) -> None:
     """Greedy output with ``drafter`` equals plain greedy for ``batch`` random prompts run together;
-    drafts were made and accepted state and KV are released afterwards."""
+    drafts were made and accepted state and KV are released afterwards (``engine_options``: ``tiny_engine``'s)."""
     from server.engine.request import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 211, (6 + i,), generator=g).tolist() for i in range(batch)]
-    engine = tiny_engine(target, num_blocks=256, drafter=drafter)
+    engine = tiny_engine(target, num_blocks=256, drafter=drafter, **engine_options)
     reqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0))
             for i, p in enumerate(prompts)]
     got = run_to_completion(engine, {})

@@ -23,13 +23,19 @@ if [ ! -f "$CARRY/model.gguf" ]; then
   mv "$tmp/SmolLM2-135M-Instruct.Q4_1.gguf" "$CARRY/model.gguf"
   rm -rf "$tmp"
 fi
-# Piece size: what one call can carry beside the working tree and the wheels, with 4 MiB to spare.
+# Benchmark questions and training prompts (../shared does not travel).
+mkdir -p "$CARRY/data"
+cp ../shared/data/mt_bench.jsonl "$CARRY/data/"
+gzip -c ../shared/data/train_prompts.jsonl > "$CARRY/data/train_prompts.jsonl.gz"
+# Piece size: what one call can carry beside the working tree, with 4 MiB to spare (the first call carries
+# the wheels and data instead; the warm machine keeps what earlier calls brought).
 tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-wheels=$(du -cb "$CARRY"/whl/* | tail -1 | cut -f1)
-piece=$(( (64 - 4) * 1048576 - tree - wheels ))
+wheels=$(du -cb "$CARRY"/whl/* "$CARRY"/data/* | tail -1 | cut -f1)
+piece=$(( (64 - 4) * 1048576 - tree ))
+if [ "$wheels" -gt "$piece" ]; then echo "wheels and data ($wheels bytes) do not fit one call"; exit 1; fi
 if [ "$piece" -lt 8388608 ]; then echo "working tree too large to carry the model ($tree bytes)"; exit 1; fi
 rm -f "$CARRY"/gguf.part*
 split -b "$piece" -d -a 1 "$CARRY/model.gguf" "$CARRY/gguf.part"
 sha256sum "$CARRY/model.gguf" | cut -d' ' -f1 > "$CARRY/gguf.sha256"
-echo "working tree $((tree / 1048576)) MiB, wheels $((wheels / 1048576)) MiB; GGUF in pieces:"
+echo "working tree $((tree / 1048576)) MiB, wheels and data $((wheels / 1048576)) MiB; GGUF in pieces:"
 ls -la "$CARRY"/gguf.part*

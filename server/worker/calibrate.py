@@ -48,16 +48,14 @@ def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: 
     model = runner.model
     mask = np.tri(n + 1, dtype=bool) if n else None               # cost does not depend on the tree's shape
     seqs = [SeqAttention(t, context, n + 1, mask) for t in tables]
-    tokens = torch.randint(0, model.config.vocab_size, (len(tables) * (n + 1),),
-                           generator=torch.Generator().manual_seed(n)).to(runner.device)   # [b * (1 + n)]
-    positions = torch.arange(context, context + n + 1, device=runner.device).repeat(len(tables))
-    rows = torch.arange(len(tables) * (n + 1), device=runner.device)  # verify: all rows; decode: the only one
+    ids = torch.randint(0, model.config.vocab_size, (len(tables) * (n + 1),),
+                        generator=torch.Generator().manual_seed(n)).tolist()   # [b * (1 + n)]
+    positions = list(range(context, context + n + 1)) * len(tables)
     times = []
     for _ in range(warmup + repeats):
         t = now(runner.device)
-        meta = runner.backend.build_metadata(seqs)
-        hidden = model(tokens, positions, runner.kv_caches, meta, runner.backend)  # [b * (1 + n), hidden]
-        model.compute_logits(hidden[rows])                         # [b * (1 + n), V]
+        hidden = runner.forward(ids, positions, seqs)                # [b * (1 + n), hidden]
+        model.compute_logits(hidden)                                 # verify: every row; decode: the only one
         times.append(now(runner.device) - t)
     return times[warmup:]
 

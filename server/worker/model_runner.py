@@ -20,6 +20,7 @@ from kernels import SeqAttention, get_backend, slots_for
 from server.cache.kv_manager import KVManager
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 from server.models.llama import LlamaModel
+from server.worker.cuda_graphs import GraphRunner
 from server.worker.device import now
 from server.worker.sampling import new_generator, processed_probs, sample_token
 
@@ -47,14 +48,35 @@ class ModelRunner:
         self.drafter = drafter
         self.device = torch.device(device)
         self.backend = get_backend(kv.block_size, self.device, attention_backend)
+        self.graphs: GraphRunner | None = None
         c = model.config
-        shape = (kv.pool.num_blocks, kv.block_size, c.num_key_value_heads, c.head_dim)
+        shape = (kv.pool.num_blocks + 1, kv.block_size, c.num_key_value_heads, c.head_dim)  # + a scratch block
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]
         self.generators: dict[str, torch.Generator] = {}
         log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,
                  kv.block_size, kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20, self.backend.name)
+
+    def enable_cuda_graphs(self, max_num_seqs: int, max_tree_tokens: int, max_model_len: int) -> None:
+        """Capture the decode/verify forward for up to ``max_num_seqs`` requests of ``1 + max_tree_tokens``."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need --device cuda")
+        self.graphs = GraphRunner(self.model, self.backend, self.kv_caches, max_num_seqs,
+                                  max_num_seqs * (1 + max_tree_tokens), max_tree_tokens, max_model_len,
+                                  scratch_block=self.kv.pool.num_blocks)
+        self.graphs.capture()
+
+    def forward(self, ids: list[int], positions: list[int], seqs: list[SeqAttention],
+                has_prefill: bool = False) -> torch.Tensor:
+        """Post-norm hidden ``[T, hidden]`` of one step: a CUDA-graph replay when one fits, else eager."""
+        if self.graphs is not None and not has_prefill:
+            hidden = self.graphs.run(ids, positions, seqs)
+            if hidden is not None:
+                return hidden
+        meta = self.backend.build_metadata(seqs)
+        return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                          self.kv_caches, meta, self.backend)
 
     def _trees(self, sched: SchedulerOutput) -> dict[str, DraftTree]:
         decode = [s for s in sched.scheduled if not s.is_prefill and s.num_lookahead > 0]
@@ -84,9 +106,7 @@ class ModelRunner:
                 positions.extend((start + tree.position_offsets()).tolist())
                 seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(tree) + 1,
                                          tree.ancestor_mask(include_root=True)))
-        meta = self.backend.build_metadata(seqs)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            self.kv_caches, meta, self.backend)                    # [T, hidden]
+        hidden = self.forward(ids, positions, seqs, any(s.is_prefill for s in sched.scheduled))   # [T, hidden]
         n_logits = [seq.num_new if seq.tree_mask is not None else 1 for seq in seqs]  # every tree row, else last
         ends = torch.tensor([seq.num_new for seq in seqs]).cumsum(0).tolist()
         wanted = [i for end, n in zip(ends, n_logits) for i in range(end - n, end)]

@@ -25,6 +25,7 @@ if __name__ == "__main__":
 
 from bench.kernel_attn import make_case
 from kernels import ReferenceBackend
+from kernels.metadata import Padding
 
 MIXED = [(37, 40, "tree"),      # 40 nodes: masks span 2 words
          (20, 1, "causal"),     # decode
@@ -47,6 +48,7 @@ CASES = {
     "bf16_gqa4_d64": (MIXED, "bfloat16", 8, 2, 64, 16, {}),
     "bf16_gqa2_d48": (MIXED, "bfloat16", 4, 2, 48, 16, {"block_q": 8, "block_n": 32}),
     "fp16_gqa2_d64": (MIXED, "float16", 2, 1, 64, 16, {}),
+    "fp32_padded_for_cuda_graphs": (MIXED, "float32", 4, 2, 64, 16, {"padded": True}),
 }
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}
 
@@ -58,6 +60,7 @@ def run_case(name: str) -> dict:
     specs, dtype, heads, kv_heads, head_dim, block_size, options = CASES[name]
     options = dict(options)
     random_masks = options.pop("random_masks", False)
+    padded = options.pop("padded", False)
     case = make_case(specs, block_size=block_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      dtype=getattr(torch, dtype), device="cpu", seed=len(name))
     if random_masks:
@@ -71,10 +74,20 @@ def run_case(name: str) -> dict:
     # and mask views are non-contiguous
     backend.build_metadata(make_case([(30 * block_size, 70, "tree")] * 7, block_size=block_size, heads=1,
                                      kv_heads=1, head_dim=1, dtype=torch.float32, device="cpu").seqs)
-    meta = backend.build_metadata(case.seqs)
-    backend.write_kv(case.k_new, case.v_new, case.k_cache, case.v_cache, meta)
+    q, k_new, v_new = case.q, case.k_new, case.v_new
+    if padded:   # the shapes a CUDA graph bucket fixes: extra empty sequences, extra tokens to a scratch block
+        used = {b for s in case.seqs for b in s.block_table}
+        scratch = min(set(range(case.k_cache.shape[0])) - used)
+        width = max(len(s.block_table) for s in case.seqs) + 2
+        meta = backend.builder.build(case.seqs, Padding(len(case.seqs) + 3, q.shape[0] + 13, 2, width,
+                                                        scratch * block_size))
+        meta.backend_data = backend.prepare(meta)
+        q, k_new, v_new = (torch.cat([t, torch.randn(13, *t.shape[1:], dtype=t.dtype)]) for t in (q, k_new, v_new))
+    else:
+        meta = backend.build_metadata(case.seqs)
+    backend.write_kv(k_new, v_new, case.k_cache, case.v_cache, meta)
     scale = head_dim ** -0.5
-    got = backend.attend(case.q, case.k_cache, case.v_cache, meta, scale)
+    got = backend.attend(q, case.k_cache, case.v_cache, meta, scale)[:case.q.shape[0]]
     ref = ReferenceBackend(block_size)
     want = ref.attend(case.q.float(), case.k_cache.float(), case.v_cache.float(), ref.build_metadata(case.seqs),
                       scale)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Run THERE (the device machine), from the repo root, as the command of a device call that carries
+# .carry/whl, .carry/data and one GGUF piece (see bench/gpu/README.md):
+#   bash bench/gpu/remote.sh STAGE...
+# Stages: setup (wheels; collects GGUF pieces; converts the model once all have arrived), tests,
+# kernel, step, smollm2, distill, train. Results land in $OUT (they come back to the CPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+STATE=/tmp/treespec
+MODEL=$STATE/model
+mkdir -p "$STATE/parts" "${OUT:=/tmp/out}"
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+PY=python3
+log() { echo "[remote $(date +%H:%M:%S)] $*"; }
+
+setup() {
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .carry/whl/*.whl || return 1
+  for p in .carry/gguf.part*; do [ -f "$p" ] && cp -n "$p" "$STATE/parts/"; done
+  [ -f .carry/gguf.sha256 ] && cp .carry/gguf.sha256 "$STATE/"
+  log "GGUF pieces here: $(ls "$STATE/parts" | tr '\n' ' ')"
+  if [ ! -f "$MODEL/.complete" ] && [ -f "$STATE/gguf.sha256" ]; then
+    cat "$STATE"/parts/gguf.part* > "$STATE/model.gguf"
+    if [ "$(sha256sum "$STATE/model.gguf" | cut -d' ' -f1)" = "$(cat "$STATE/gguf.sha256")" ]; then
+      $PY -m server.models.fetch --gguf "$STATE/model.gguf" --dest "$MODEL" && log "model ready at $MODEL"
+    else
+      log "model incomplete: carry the remaining pieces"
+    fi
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+}
+
+need_model() { [ -f "$MODEL/.complete" ] || { log "stage $1 needs the model (all GGUF pieces)"; return 1; }; }
+
+tests() { $PY -m pytest -q -p no:cacheprovider tests/gpu tests/unit/kernels 2>&1 | tee "$OUT/tests_gpu.log" | tail -30; }
+kernel() { $PY -m bench.kernel_attn --device cuda --out "$OUT/kernel_attn.json" 2>&1 | tail -30; }
+step() {
+  $PY -m bench.step_latency --device cuda --batches 1 16 --out "$OUT/step_latency.json" 2>&1 | tail -30
+}
+smollm2() {
+  need_model smollm2 || return 1
+  for c in 1 8 32; do
+    $PY -m server.cli bench --model "$MODEL" --device cuda --questions .carry/data/mt_bench.jsonl \
+      --concurrency $c --max-new-tokens 128 --no-hf --compare lookup eagle gumiho hybrid --budgets 16 32 64 \
+      --out "$OUT/smollm2_compare_c$c.json" 2>&1 | tail -12
+  done
+}
+distill() {
+  need_model distill || return 1
+  gunzip -c .carry/data/train_prompts.jsonl.gz > "$STATE/train_prompts.jsonl"
+  $PY -m server.cli distill --model "$MODEL" --device cuda --data "$STATE/train_prompts.jsonl" \
+    --out drafters/data/smollm2-distill --shard-size 128 --max-num-seqs 256 --kv-cache-gib 16 \
+    --max-minutes "${DISTILL_MINUTES:-8}" 2>&1 | tail -12
+  tar -czf "$OUT/distill_shards.tgz" drafters/data/smollm2-distill
+}
+train() {
+  need_model train || return 1
+  $PY -m server.cli train-drafter --model "$MODEL" --data drafters/data/smollm2-distill --device cuda --amp \
+    --method eagle --init drafters/checkpoints/smollm2-eagle --unroll 3 --work "$STATE/eagle_work" \
+    --out "$STATE/eagle_out" --max-minutes "${TRAIN_MINUTES:-8}" 2>&1 | tail -12
+  tar -czf "$OUT/eagle_checkpoint.tgz" -C "$STATE" eagle_out
+}
+
+for stage in "$@"; do
+  log "stage $stage"
+  "$stage" || log "stage $stage FAILED"
+done
