@@ -12,6 +12,8 @@ import torch
 
 from server.engine.request import SamplingParams
 
+SMALLEST_FP32_TEMPERATURE = 1e-30
+
 
 def new_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded from ``seed``, or from the OS when no seed is given."""
@@ -37,8 +39,17 @@ def sample_rows(weights: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """``[N, V]`` logits of one request -> probabilities after temperature, top-k, top-p."""
-    x = logits.float() / params.temperature
+    """``[N, V]`` logits of one request -> probabilities after temperature, top-k, top-p.
+
+    Exact for every temperature > 0 and top_p > 0, however small: the row maximum is subtracted before
+    dividing by the temperature (so the largest logit maps to 0, never to ``inf - inf``), and the most
+    likely token is always kept by top-p (a threshold that underflows float32 cannot drop every token).
+    """
+    x = logits.float()
+    x = x - x.amax(-1, keepdim=True)
+    if params.temperature < SMALLEST_FP32_TEMPERATURE:
+        x = x.double()                       # the temperature itself would round to 0 in float32
+    x = x / params.temperature
     if 0 < params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -46,8 +57,9 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         cum = sorted_x.softmax(-1).cumsum(-1)
         drop_sorted = (cum - sorted_x.softmax(-1)) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop_sorted[..., 0] = False
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-    return x.softmax(-1)
+    return x.softmax(-1).float()
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -89,3 +90,24 @@ def test_sample_token_reads_the_device_once():
         sample_token(logits, SamplingParams(temperature=0.7, top_k=50, top_p=0.9), new_generator(2))
     assert ops.names.count("aten._local_scalar_dense") == 1
     assert not {"aten.multinomial", "aten.nonzero", "aten.masked_select"} & set(ops.names)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (1e-40, 1.0), (1.0, 1e-300), (1e-300, 1e-300),
+                                                (2.0, 1e-45)])
+def test_extreme_parameters_give_a_finite_distribution(temperature, top_p):
+    """Tiny temperatures and top_p are exact limits: all mass on the argmax, never NaN."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [1.0, 1.0, 0.0, -5.0]])
+    probs = processed_probs(logits, SamplingParams(temperature=temperature, top_p=top_p))
+    assert torch.isfinite(probs).all()
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    if top_p == 1.0:
+        assert probs[1].tolist() == [0.5, 0.5, 0.0, 0.0]       # exact tie: split evenly, as the limit is
+
+
+def test_subtracting_the_maximum_changes_nothing_at_ordinary_temperatures():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 4
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+    x = logits / 0.7
+    want = processed_probs(logits, params)
+    assert torch.allclose(want.sum(-1), torch.ones(3))
+    assert torch.allclose(processed_probs(x * 0.7 + 100.0, params), want, atol=1e-6)   # shift-invariant
