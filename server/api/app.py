@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.protocol import error_body
 from server.api.routes import router
 from server.api.serving import APIError, ServingState
-from server.engine.async_engine import AsyncEngine, EngineDeadError
+from server.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailed
 from server.engine.llm_engine import LLMEngine
 from server.metrics import Metrics
 
@@ -69,6 +69,11 @@ def create_app(llm: LLMEngine, model_name: str) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(RequestFailed)
+    async def failed(_: Request, exc: RequestFailed):
+        return JSONResponse(error_body(f"generation failed: {exc}", "server_error", code="request_failed"),
+                            status_code=500)
 
     @app.exception_handler(EngineDeadError)
     async def dead(_: Request, exc: EngineDeadError):

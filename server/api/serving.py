@@ -48,11 +48,20 @@ class ServingState:
             text = self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors are caused by the messages
             raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
+        return self.encode_text(text, "messages")
+
+    def encode_text(self, text: str, param: str) -> list[int]:
+        """Token ids of ``text``; text that is not valid Unicode (a lone surrogate such as ``\\ud800``) is a 400."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"the text cannot be encoded as UTF-8 ({exc.reason} at position {exc.start})",
+                           param=param) from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return self.encode_text(prompt, "prompt")
         vocab = len(self.tokenizer)
         if any(t < 0 or t >= vocab for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")

@@ -19,6 +19,10 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed this request alone (the others in its step went on)."""
+
+
 class AsyncEngine:
     """Thread-safe front of the engine: ``generate`` yields ``RequestOutput`` deltas."""
 
@@ -109,7 +113,7 @@ class AsyncEngine:
             if self.on_stats is not None:  # metrics first, so a client never sees them lag its response
                 self.on_stats(stats)
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, RequestFailed(out.error) if out.error else out)
 
     def _fail_all(self, exc: Exception) -> None:
         sched = self.engine.scheduler

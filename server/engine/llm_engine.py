@@ -5,12 +5,16 @@ Used directly by the benchmark harness and, inside one background thread, by ``A
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.outputs import RequestOutput, StepStats
+from server.engine.outputs import RequestOutput, RunnerOutput, StepStats
 from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 class RequestTooLong(ValueError):
@@ -68,11 +72,16 @@ class LLMEngine:
         stats_ttft, stats_itl, stats_e2e, reasons, drafted, accepted = [], [], [], [], [], []
         timings: dict[str, float] = {}
         if not sched.empty:
-            result = self.runner.execute(sched)
+            result, failed = self._execute_isolated(sched)
             timings = result.timings
             now = time.monotonic()
             for s in sched.scheduled:
                 req = s.request
+                if req.request_id in failed:
+                    self.scheduler.finish(req, "error")
+                    reasons.append("error")
+                    outputs.append(self._finish_output(req, [], "", error=failed[req.request_id]))
+                    continue
                 if s.is_prefill:
                     prompt_tokens += s.num_new_tokens
                 tokens = self.scheduler.commit(req, result.new_tokens[req.request_id])
@@ -110,6 +119,29 @@ class LLMEngine:
             drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget)
         return outputs, stats
 
+    def _execute_isolated(self, sched: SchedulerOutput):
+        """``runner.execute(sched)``; if it raises, each request is rerun alone so that only the requests
+        that fail on their own are failed. Returns the (merged) runner output and ``{request_id: error}``."""
+        try:
+            return self.runner.execute(sched), {}
+        except Exception as exc:  # one request's failure must not fail the others
+            if len(sched.scheduled) == 1:
+                log.exception("request %s failed", sched.scheduled[0].request.request_id)
+                return RunnerOutput(), {sched.scheduled[0].request.request_id: describe(exc)}
+            log.warning("step of %d requests failed (%s); rerunning each alone", len(sched.scheduled), describe(exc))
+        self.runner.rollback()
+        merged, failed = RunnerOutput(), {}
+        for s in sched.scheduled:
+            try:
+                one = self.runner.execute(replace(sched, scheduled=[s]))
+            except Exception as exc:
+                self.runner.rollback()
+                log.exception("request %s failed", s.request.request_id)
+                failed[s.request.request_id] = describe(exc)
+                continue
+            merged.merge(one)
+        return merged, failed
+
     def _output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id, text=text, token_ids=tokens, finished=req.finished,
@@ -118,7 +150,13 @@ class LLMEngine:
             verify_steps=req.spec.verify_steps, drafted_tokens=req.spec.drafted_tokens,
             accepted_tokens=req.spec.accepted_tokens)
 
-    def _finish_output(self, req: Request, tokens: list[int], text: str) -> RequestOutput:
+    def _finish_output(self, req: Request, tokens: list[int], text: str, error: str | None = None) -> RequestOutput:
         detok = self.detok.pop(req.request_id)
         self.runner.release(req.request_id)
-        return self._output(req, tokens, text + detok.flush())
+        out = self._output(req, tokens, text + detok.flush())
+        out.error = error
+        return out
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

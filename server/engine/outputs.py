@@ -26,6 +26,24 @@ class RequestOutput:
 
 
 @dataclass
+class RunnerOutput:
+    """What the model runner hands the engine after one step."""
+
+    new_tokens: dict[str, list[int]] = field(default_factory=dict)  # accepted drafts + bonus, per request
+    drafted: dict[str, int] = field(default_factory=dict)           # tree size, decoding requests only
+    accepted: dict[str, int] = field(default_factory=dict)          # accepted draft tokens
+    timings: dict[str, float] = field(default_factory=dict)         # seconds: draft, forward, accept
+
+    def merge(self, other: RunnerOutput) -> None:
+        """Add another (partial) step's results: per-request maps joined, timings summed."""
+        self.new_tokens.update(other.new_tokens)
+        self.drafted.update(other.drafted)
+        self.accepted.update(other.accepted)
+        for k, v in other.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
+
+
+@dataclass
 class StepStats:
     """One engine step, for the metrics exporter."""
 

@@ -9,7 +9,6 @@ accepted path's KV is then compacted into contiguous slots.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +17,7 @@ from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.tree import DraftTree
 from kernels import SeqAttention, get_backend, slots_for
 from server.cache.kv_manager import KVManager
+from server.engine.outputs import RunnerOutput
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
 from server.models.llama import LlamaModel
 from server.worker.cuda_graphs import GraphRunner
@@ -25,14 +25,6 @@ from server.worker.device import now
 from server.worker.sampling import new_generator, processed_probs, sample_token
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunnerOutput:
-    new_tokens: dict[str, list[int]] = field(default_factory=dict)  # accepted drafts + bonus, per request
-    drafted: dict[str, int] = field(default_factory=dict)           # tree size, decoding requests only
-    accepted: dict[str, int] = field(default_factory=dict)          # accepted draft tokens
-    timings: dict[str, float] = field(default_factory=dict)         # seconds: draft, forward, accept
 
 
 def kv_bytes_per_token(model: LlamaModel, dtype: torch.dtype) -> int:
@@ -55,6 +47,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]
         self.generators: dict[str, torch.Generator] = {}
+        self._rng_states: dict[str, torch.Tensor] = {}   # generator states before the last execute
         log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,
                  kv.block_size, kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20, self.backend.name)
 
@@ -88,8 +81,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """One target forward over all prefills and (tree-)decodes; returns committed tokens."""
+        """One target forward over all prefills and (tree-)decodes; returns committed tokens.
+
+        Nothing here commits: if it raises, ``rollback`` and a rerun (of all or some requests) is safe
+        (KV past a request's committed tokens is rewritten; the drafter re-proposes)."""
         t0 = now(self.device)
+        self._rng_states = {s.request.request_id: self.generators[s.request.request_id].get_state()
+                            for s in sched.scheduled if s.request.request_id in self.generators}
         trees = self._trees(sched)
         t1 = now(self.device)
         ids, positions, seqs = [], [], []
@@ -159,6 +157,12 @@ class ModelRunner:
         dst = torch.from_numpy(tree_slots[[b for _, b in moves]]).to(self.device)
         for k_cache, v_cache in self.kv_caches:
             self.backend.copy_slots(k_cache, v_cache, src, dst)
+
+    def rollback(self) -> None:
+        """Undo the random draws of the last ``execute`` (before rerunning its requests)."""
+        for rid, state in self._rng_states.items():
+            if rid in self.generators:
+                self.generators[rid].set_state(state)
 
     def release(self, request_id: str) -> None:
         """Forget per-request state when a request ends."""

@@ -181,3 +181,21 @@ def test_server_still_healthy_after_errors(http, client):
     assert http.get("/health").status_code == 200
     r = client.chat.completions.create(model=MODEL_ID, messages=MSGS, temperature=0, max_tokens=3)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    (CHAT, b'{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages"),
+    (COMPLETIONS, b'{"model": "SmolLM2-135M-Instruct", "prompt": "\\ud800"}', "prompt"),
+], ids=["chat", "completions"])
+def test_lone_surrogate_is_a_400(http, path, body, param):
+    check_error(http.post(path, content=body, headers={"content-type": "application/json"}), 400, param)
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 1e-300}, {"temperature": 1e-40}, {"top_p": 1e-300},
+                                    {"temperature": 1e-300, "top_p": 1e-300}], ids=["t300", "t40", "p300", "both"])
+def test_extreme_sampling_parameters_sample_the_limit(http, fields):
+    """Limits, not NaN: a vanishing temperature or top_p samples the argmax, exactly as greedy does."""
+    greedy = post(http, CHAT, chat(max_tokens=8, temperature=0)).json()["choices"][0]["message"]["content"]
+    r = post(http, CHAT, chat(max_tokens=8, seed=1, **fields))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy
