@@ -49,6 +49,11 @@ class Drafter(ABC):
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         """One tree per request, each with at most ``request.budget`` nodes."""
 
+    def tree_shape(self) -> tuple[int, int] | None:
+        """The server's (depth, top_k) for tree drafters: per-request overrides may not exceed them
+        (a request cannot make everyone's step slower); ``None``: the drafter has no such knobs."""
+        return None
+
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         """Learn what was committed (default: stateless drafter)."""
 

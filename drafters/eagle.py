@@ -58,6 +58,9 @@ class EagleTreeDrafter(Drafter):
         self.states.pop(request_id, None)
         self.kv.free(request_id)
 
+    def tree_shape(self) -> tuple[int, int]:
+        return self.depth, self.top_k
+
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         """Requests sharing a tree shape (top_k, depth) are drafted together, in KV row order."""

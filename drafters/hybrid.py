@@ -101,6 +101,9 @@ class HybridDrafter(Drafter):
         self.acceptance_profile = model.acceptance_profile
         self.states: dict[str, _State] = {}
 
+    def tree_shape(self) -> tuple[int, int] | None:
+        return self.model.tree_shape()
+
     def lookup_acceptance(self, request_id: str, match_len: int) -> float:
         """Current estimate ``p_n`` that a lookup token from an ``n = match_len`` match is committed."""
         st = self.states.get(request_id) or _State()

@@ -104,6 +104,13 @@ class ServingState:
         if opts.total_tokens is not None and opts.total_tokens > limit:
             raise APIError(400, f"speculation.total_tokens must be <= {limit} (the server's --max-draft-tokens)",
                            param="speculation.total_tokens")
+        drafter = self.engine.engine.runner.drafter
+        shape = drafter.tree_shape() if drafter is not None else None
+        for name, value, server_max, flag in (("depth", opts.depth, shape and shape[0], "--draft-depth"),
+                                              ("top_k", opts.top_k, shape and shape[1], "--draft-top-k")):
+            if value is not None and (server_max is None or value > server_max):
+                bound = f"<= {server_max} (the server's {flag})" if server_max else "unset (this drafter has no trees)"
+                raise APIError(400, f"speculation.{name} must be {bound}", param=f"speculation.{name}")
         return {"draft_tokens": opts.total_tokens, "draft_depth": opts.depth, "draft_top_k": opts.top_k}
 
 

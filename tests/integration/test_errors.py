@@ -199,3 +199,17 @@ def test_extreme_sampling_parameters_sample_the_limit(http, fields):
     r = post(http, CHAT, chat(max_tokens=8, seed=1, **fields))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == greedy
+
+
+@pytest.mark.parametrize(("spec", "param"), [({"depth": 32}, "speculation.depth"), ({"top_k": 64}, "speculation.top_k"),
+                                             ({"total_tokens": 257}, "speculation.total_tokens")],
+                         ids=["depth", "top_k", "total_tokens"])
+def test_speculation_knobs_are_bounded_by_the_server(http, spec, param):
+    """A request may shrink its draft tree, never grow it past the server's flags (it would slow every step)."""
+    r = post(http, CHAT, chat(max_tokens=3, speculation=spec))
+    check_error(r, 400, param if spec.get("total_tokens", 0) <= 256 else ANY)
+
+
+def test_smaller_speculation_knobs_are_honoured(http):
+    r = post(http, CHAT, chat(max_tokens=4, temperature=0, speculation={"depth": 2, "top_k": 2, "total_tokens": 4}))
+    assert r.status_code == 200, r.text
