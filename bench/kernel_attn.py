@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drafters.tree import DraftTree
 from kernels.metadata import SeqAttention
 from kernels.reference import ReferenceBackend
 
@@ -49,13 +50,9 @@ def random_parents(n: int, rng: np.random.Generator) -> list[int]:
 
 
 def ancestor_mask(parents: list[int]) -> np.ndarray:
-    """``[n, n]`` bool ancestor-or-self mask of a tree given its parent indices."""
+    """``[n, n]`` bool ancestor-or-self mask of a tree given its parent indices (the drafters' own)."""
     n = len(parents)
-    mask = np.eye(n, dtype=bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            mask[i] |= mask[p]
-    return mask
+    return DraftTree((0,) * n, parents, (0.0,) * n).ancestor_mask(include_root=False)
 
 
 @dataclass

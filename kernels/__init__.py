@@ -1,13 +1,13 @@
 """The one attention dispatch point: the runner asks for a backend once, for its device.
 
 ``reference`` (pure PyTorch) runs anywhere and is the ground truth; ``triton`` (FlashAttention-style
-paged tree attention, the default on CUDA) and ``flash`` (flash-attn, when installed) are tested
-against it. Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests only).
+paged tree attention, the default on CUDA) is tested against it. Triton kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (tests only).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -17,8 +17,7 @@ from kernels.metadata import AttentionMetadata, MetadataBuilder, SeqAttention, b
 from kernels.reference import ReferenceBackend
 
 BACKENDS = {"reference": "kernels.reference:ReferenceBackend",
-            "triton": "kernels.triton_tree_attn:TritonBackend",
-            "flash": "kernels.flash:FlashBackend"}
+            "triton": "kernels.triton_tree_attn:TritonBackend"}
 
 
 def backend_class(name: str) -> type[AttentionBackend]:
@@ -41,8 +40,7 @@ def get_backend(block_size: int, device: torch.device | str = "cpu", name: str |
     """The attention backend for ``device`` (``name`` forces one)."""
     device = torch.device(device)
     name = name or default_backend_name(device)
-    if name in ("triton", "flash") and device.type != "cuda" and not (
-            name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"attention backend {name!r} needs a CUDA device (triton on CPU: TRITON_INTERPRET=1)")
     return backend_class(name)(block_size, device)
 

@@ -24,7 +24,7 @@ class ServerConfig(BaseModel):
     device: str = Field("cpu", description="torch device: cpu or cuda")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight/KV dtype (auto: bfloat16 on CUDA, float32 on CPU, where bf16 is slower)")
-    attention_backend: Literal["reference", "triton", "flash"] | None = Field(
+    attention_backend: Literal["reference", "triton"] | None = Field(
         None, description="Force an attention backend (default: triton on CUDA, reference on CPU)")
     cuda_graphs: bool | None = Field(None, description="Replay decode/verify steps from CUDA graphs captured at "
                                                        "start-up (default: on with CUDA and a device-only backend)")

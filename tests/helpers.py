@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ class ByteTokenizer:
 def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                 max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None, budget_policy=None,
                 device: str = "cpu", attention_backend: str | None = None, cuda_graphs: bool = False):
-    """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``; moved to ``device``);
+    """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``; a copy on ``device``);
     ``budget_policy`` (a ``BudgetPolicy``) picks the draft budget per step, else the drafter's
     ``max_tree_tokens`` always."""
     from server.cache.block_pool import BlockPool
@@ -76,7 +78,8 @@ def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_s
 
     if model is None:
         model = native_from(tiny_hf_config(), hf_model_from(tiny_hf_config()).state_dict())
-    model = model.to(device)
+    if next(model.parameters()).device != torch.device(device):
+        model = copy.deepcopy(model).to(device)        # shared fixtures stay on the CPU
     kv = KVManager(BlockPool(num_blocks, block_size))
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
     config = SchedulerConfig(max_num_seqs, max_model_len, lookahead, max_model_len, budget_policy)

@@ -47,7 +47,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]
         self.generators: dict[str, torch.Generator] = {}
-        self._rng_states: dict[str, torch.Tensor] = {}   # generator states before the last execute
+        self._rng_states: dict[str, torch.Tensor] = {}   # sampled requests' generator states before the last execute
         log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,
                  kv.block_size, kv.capacity_tokens * kv_bytes_per_token(model, dtype) / 2**20, self.backend.name)
 
@@ -87,7 +87,8 @@ class ModelRunner:
         (KV past a request's committed tokens is rewritten; the drafter re-proposes)."""
         t0 = now(self.device)
         self._rng_states = {s.request.request_id: self.generators[s.request.request_id].get_state()
-                            for s in sched.scheduled if s.request.request_id in self.generators}
+                            for s in sched.scheduled
+                            if not s.request.params.greedy and s.request.request_id in self.generators}
         trees = self._trees(sched)
         t1 = now(self.device)
         ids, positions, seqs = [], [], []

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    assert_matches_reference,
-    hf_model_from,
-    native_from,
-    random_prompts,
-    tiny_engine,
-    tiny_hf_config,
-)
+from helpers import assert_matches_reference, random_prompts, tiny_engine
 
 from drafters.lookup import LookupDrafter
 from kernels import SeqAttention
@@ -20,17 +13,11 @@ from server.engine.request import SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(scope="module")
-def pair():
-    hf = hf_model_from(tiny_hf_config())
-    return hf, native_from(tiny_hf_config(), hf.state_dict())
-
-
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_greedy_lookup_on_cuda_equals_plain_greedy(pair, graphs, batch):
+def test_greedy_lookup_on_cuda_equals_plain_greedy(tiny_pair, graphs, batch):
     """fp32 on the GPU (IEEE dots in the kernel, no TF32) against transformers on the CPU."""
-    hf, model = pair
+    hf, model = tiny_pair
     engine = tiny_engine(model, num_blocks=256, device="cuda", attention_backend="triton", cuda_graphs=graphs,
                          drafter=LookupDrafter(max_tree_tokens=8))
     assert_matches_reference(engine, hf, random_prompts(batch, seed=3, min_len=4, max_len=20), 30)
@@ -38,8 +25,8 @@ def test_greedy_lookup_on_cuda_equals_plain_greedy(pair, graphs, batch):
         assert engine.runner.graphs.steps, "no graph was captured"
 
 
-def test_graph_replay_equals_eager_forward(pair):
-    _, model = pair
+def test_graph_replay_equals_eager_forward(tiny_pair):
+    _, model = tiny_pair
     engine = tiny_engine(model, num_blocks=64, block_size=16, device="cuda", attention_backend="triton",
                          cuda_graphs=True, drafter=LookupDrafter(max_tree_tokens=8), max_num_seqs=4)
     runner = engine.runner
@@ -57,8 +44,8 @@ def test_graph_replay_equals_eager_forward(pair):
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_seeded_sampling_on_cuda_is_reproducible(pair):
-    _, model = pair
+def test_seeded_sampling_on_cuda_is_reproducible(tiny_pair):
+    _, model = tiny_pair
     params = SamplingParams(max_tokens=20, temperature=0.8, seed=7)
     outs = []
     for _ in range(2):
@@ -85,7 +72,6 @@ def test_tree_drafters_on_cuda_are_lossless(tiny_eagle, method, batch):
     from drafters.hybrid import HybridDrafter
 
     hf, target, net = tiny_eagle
-    target = copy.deepcopy(target).cuda()
     net = copy.deepcopy(net).cuda()
     drafter = EagleTreeDrafter(net, 12, 4, 3)
     if method == "hybrid":
