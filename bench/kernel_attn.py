@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from drafters.tree import DraftTree
 from kernels.metadata import SeqAttention
-from kernels.reference import ReferenceBackend
+from kernels.reference import ReferenceBackend, padded_gather
 
 
 def random_parents(n: int, rng: np.random.Generator) -> list[int]:
@@ -150,13 +150,13 @@ def graph_timed(fn, repeats: int, calls: int = 10) -> float | str:
 
 def sdpa_pregathered(case: Case, scale: float):
     """SDPA over contiguous, already gathered K/V with the reference's dense mask (GQA folded as there)."""
-    meta = ReferenceBackend(case.k_cache.shape[1], case.q.device).build_metadata(case.seqs)
-    pad = meta.backend_data
+    offsets = np.concatenate([[0], np.cumsum([s.num_new for s in case.seqs])]).tolist()
+    pad = padded_gather(case.seqs, offsets, case.k_cache.shape[1], case.q.device)
     kv_heads, head_dim = case.k_cache.shape[-2:]
     batch, l_max = pad.kv_index.shape
+    q_max = pad.query_valid.shape[1]
     group = case.q.shape[1] // kv_heads
-    q = case.q[pad.query_index]                                                  # [B, Qmax, H, D]
-    q_max = q.shape[1]
+    q = (case.q if pad.rows is None else case.q[pad.rows]).view(batch, q_max, -1, head_dim)  # [B, Qmax, H, D]
     q = q.view(batch, q_max, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(batch, kv_heads, group * q_max, head_dim).contiguous()         # [B, Hkv, group*Qmax, D]
     flat = pad.kv_index.view(-1)

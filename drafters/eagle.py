@@ -36,6 +36,7 @@ class _State:
 class EagleTreeDrafter(Drafter):
     name = "eagle"
     default_depth = 5
+    max_pending = 128   # pending (feature, token) pairs of one request that trigger an immediate context pass
 
     def __init__(self, model: EagleDrafter, total_tokens: int = 16, depth: int | None = None, top_k: int = 4):
         self.model = model
@@ -53,6 +54,17 @@ class EagleTreeDrafter(Drafter):
             st = self.states[u.request_id]
             st.pending_features.append(u.features)
             st.pending_tokens.extend(u.fed_tokens[1:] + [u.next_token])  # f_t pairs with x_{t+1}
+            if len(st.pending_tokens) >= self.max_pending:
+                self.absorb(u.request_id)
+
+    @torch.inference_mode()
+    def absorb(self, request_id: str) -> None:
+        """Run one request's pending pairs through the drafter now (a long prompt's prefill chunks are
+        absorbed as they arrive, never in one stall at its first draft)."""
+        st = self.states[request_id]
+        width = st.length + len(st.pending_tokens)
+        self.kv.reserve(width)
+        self.context_pass(self.kv.batch([request_id], width), [st], len(st.pending_tokens))
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -91,8 +91,8 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
     if drafter is not None and cfg.calibrate_tree:
         policy = calibrate_budget(runner, drafter, cfg)
-    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, max(cfg.max_num_batched_tokens, max_len),
-                                          lookahead, max_len, policy), kv)
+    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.step_token_budget, lookahead, max_len, policy,
+                                          max_prefill_attention=cfg.prefill_attention_budget), kv)
     eos = tuple(mc.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, hidden %d, vocab %d, context %d; drafter %s (draft budget %s)", path,
              mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, max_len,

@@ -33,7 +33,13 @@ class ServerConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides kv_cache_gib)")
     max_model_len: int | None = Field(None, ge=1, description="Context window (default: the model's)")
     max_num_seqs: int = Field(16, ge=1, description="Most requests running at once")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (prefill admission)")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one step, shared by decodes, draft-tree tokens and prefill chunks "
+                                "(long prompts are split into chunks; default: 256 on CPU, 8192 on CUDA)")
+    max_prefill_attention: int | None = Field(
+        None, ge=0, description="Most (query, key) pairs the prefill chunks of one step attend to: a long prompt's "
+                                "chunks shrink as its context grows, so no step stalls the streams beside it "
+                                "(default: 524288 on CPU, 0 = unbounded on CUDA)")
     drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
                                              "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
                                              "hybrid (prompt lookup merged into eagle's tree)")
@@ -60,6 +66,20 @@ class ServerConfig(BaseModel):
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+    @property
+    def step_token_budget(self) -> int:
+        """``max_num_batched_tokens`` after resolving the device default."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.device.startswith("cuda") else 256
+
+    @property
+    def prefill_attention_budget(self) -> int:
+        """``max_prefill_attention`` after resolving the device default (0: unbounded)."""
+        if self.max_prefill_attention is not None:
+            return self.max_prefill_attention
+        return 0 if self.device.startswith("cuda") else 1 << 19
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServerConfig:

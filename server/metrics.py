@@ -23,6 +23,10 @@ class Metrics:
         self.waiting = Gauge("treespec_num_requests_waiting", "Requests waiting for admission", labels, registry=r)
         self.kv_usage = Gauge("treespec_kv_cache_usage_ratio", "Fraction of KV blocks in use", labels, registry=r)
         self.prompt_tokens = Counter("treespec_prompt_tokens", "Prefilled prompt tokens", labels, registry=r)
+        self.preemptions = Counter("treespec_num_preemptions", "Requests preempted (KV pool full; recomputed "
+                                   "later)", labels, registry=r)
+        self.recomputed_tokens = Counter("treespec_recomputed_prompt_tokens", "Tokens prefilled again after a "
+                                         "preemption (not counted as prompt tokens)", labels, registry=r)
         self.generation_tokens = Counter("treespec_generation_tokens", "Generated tokens", labels, registry=r)
         self.ttft = Histogram("treespec_time_to_first_token_seconds", "Time to first token", labels,
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -72,6 +76,8 @@ class Metrics:
             self.kv_usage.labels(m).set(stats.kv_usage)
         self.prompt_tokens.labels(m).inc(stats.num_prompt_tokens)
         self.generation_tokens.labels(m).inc(stats.num_generation_tokens)
+        self.preemptions.labels(m).inc(stats.num_preemptions)
+        self.recomputed_tokens.labels(m).inc(stats.num_recomputed_tokens)
         for v in stats.ttft:
             self.ttft.labels(m).observe(v)
         for v in stats.inter_token:

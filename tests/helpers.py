@@ -66,10 +66,12 @@ class ByteTokenizer:
 
 def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                 max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None, budget_policy=None,
-                device: str = "cpu", attention_backend: str | None = None, cuda_graphs: bool = False):
+                device: str = "cpu", attention_backend: str | None = None, cuda_graphs: bool = False,
+                max_num_batched_tokens: int | None = None, max_prefill_attention: int = 0):
     """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``; a copy on ``device``);
     ``budget_policy`` (a ``BudgetPolicy``) picks the draft budget per step, else the drafter's
-    ``max_tree_tokens`` always."""
+    ``max_tree_tokens`` always; ``max_num_batched_tokens`` (default ``max_model_len``) and
+    ``max_prefill_attention`` (default unbounded) set the step's budgets, i.e. chunked prefill."""
     from server.cache.block_pool import BlockPool
     from server.cache.kv_manager import KVManager
     from server.engine.llm_engine import LLMEngine
@@ -82,7 +84,8 @@ def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_s
         model = copy.deepcopy(model).to(device)        # shared fixtures stay on the CPU
     kv = KVManager(BlockPool(num_blocks, block_size))
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
-    config = SchedulerConfig(max_num_seqs, max_model_len, lookahead, max_model_len, budget_policy)
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens or max_model_len, lookahead, max_model_len,
+                             budget_policy, max_prefill_attention=max_prefill_attention)
     scheduler = Scheduler(config, kv)
     runner = ModelRunner(model, kv, device, next(model.parameters()).dtype, drafter, attention_backend)
     if cuda_graphs:
@@ -209,4 +212,4 @@ def assert_drafter_lossless(hf_model, target, drafter, batch: int, seed: int, ma
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == reference_greedy(hf_model, p, max_tokens)
     assert all(r.spec.verify_steps > 0 and r.spec.drafted_tokens > 0 for r in reqs)
-    assert engine.scheduler.kv.pool.usage == 0.0 and not engine.runner.drafter.states
+    assert engine.scheduler.kv.pool.usage == 0.0 and not getattr(engine.runner.drafter, "states", None)

@@ -40,6 +40,10 @@ class LLMEngine:
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
 
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        """Most tokens a prompt this long may generate (<= 0: the prompt alone does not fit)."""
+        return min(self.max_model_len, self.scheduler.kv.capacity_tokens) - num_prompt_tokens
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
@@ -68,7 +72,11 @@ class LLMEngine:
         start = time.monotonic()
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
-        prompt_tokens = gen_tokens = 0
+        prompt_tokens = gen_tokens = recomputed = 0
+        for rid in sched.preempted:
+            req = self.scheduler.requests[rid]
+            log.warning("preempted request %s (KV pool full): %d tokens will be recomputed (%d preemptions)",
+                        rid, len(req.token_ids), req.num_preemptions)
         stats_ttft, stats_itl, stats_e2e, reasons, drafted, accepted = [], [], [], [], [], []
         timings: dict[str, float] = {}
         if not sched.empty:
@@ -82,8 +90,12 @@ class LLMEngine:
                     reasons.append("error")
                     outputs.append(self._finish_output(req, [], "", error=failed[req.request_id]))
                     continue
-                if s.is_prefill:
-                    prompt_tokens += s.num_new_tokens
+                start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+                prompt_tokens += max(0, min(end, req.num_prompt_tokens) - max(start, req.max_computed_tokens))
+                recomputed += max(0, min(end, req.max_computed_tokens) - start)
+                if s.partial:
+                    self.scheduler.advance(s)
+                    continue
                 tokens = self.scheduler.commit(req, result.new_tokens[req.request_id])
                 if req.request_id in result.drafted:
                     drafted.append(result.drafted[req.request_id])
@@ -116,7 +128,8 @@ class LLMEngine:
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
             ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
-            drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget)
+            drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget,
+            num_preemptions=len(sched.preempted), num_recomputed_tokens=recomputed)
         return outputs, stats
 
     def _execute_isolated(self, sched: SchedulerOutput):

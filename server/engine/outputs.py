@@ -61,3 +61,5 @@ class StepStats:
     accepted: list[int] = field(default_factory=list)    # accepted draft tokens of each verify step
     timings: dict[str, float] = field(default_factory=dict)  # runner phases (draft, forward, accept), seconds
     spec_budget: int | None = None   # draft budget per decoding request this step (None: nothing decoded)
+    num_preemptions: int = 0         # requests preempted (KV dropped, to be recomputed) this step
+    num_recomputed_tokens: int = 0   # prefill tokens computed again after a preemption (not in prompt tokens)

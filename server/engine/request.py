@@ -58,6 +58,7 @@ class Request:
     status: Status = Status.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0                         # positions whose KV is committed
+    max_computed_tokens: int = 0                         # most ever committed (recompute below it is not new)
     finish_reason: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -1,13 +1,22 @@
-"""Continuous-batching scheduler (torch-free): admission, lookahead slots, preemption by recompute.
+"""Continuous-batching scheduler (torch-free): one token-accounting model, chunked prefill, lookahead
+slots, preemption by recompute.
 
-The draft budget of a step follows the load: the number of running (decoding) requests at the
-start of the step picks it from the ``BudgetPolicy``, and every decoding request of that step
-gets it (unless its own ``draft_tokens`` says otherwise), capped by its remaining tokens and the
-context window. Its lookahead KV slots are reserved to match.
+As in vLLM v1 there is no prefill/decode split: a request's ``num_computed_tokens`` catches up with its
+``token_ids``. Each step has a token budget (``max_num_batched_tokens``) shared by decodes and tree
+verifies (scheduled first) and prefill chunks; a long prompt is split into chunks over several steps,
+and a chunk that stops short of the last token emits nothing. ``max_prefill_attention`` also bounds the
+(query, key) pairs a step's prefill chunks attend to, so chunks shrink as a long context grows and no
+step stalls the streams running beside it.
+
+The draft budget of a step follows the load: the number of decoding requests at the start of the step
+picks it from the ``BudgetPolicy``, and every decoding request of that step gets it (unless its own
+``draft_tokens`` says otherwise), capped by its remaining tokens, the context window and the step's
+token budget. Its lookahead KV slots are reserved to match.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,18 +28,21 @@ from server.engine.request import Request, Status
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192  # tokens fed per step: decodes, tree tokens and prefill chunks
     num_lookahead_slots: int = 0  # most KV slots reserved per running request for draft-tree tokens
     max_model_len: int = 1 << 30  # lookahead never reaches past the context window
     budget_policy: BudgetPolicy | None = None  # budget per decoding batch size (None: num_lookahead_slots)
+    max_prefill_attention: int = 0  # most (query, key) pairs of a step's prefill chunks (0: unbounded)
+    min_prefill_chunk: int = 16   # the first chunk of a step gets at least this many tokens (progress)
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int       # tokens fed this step: the uncomputed prefix (prefill) or the last token
+    num_new_tokens: int       # tokens fed this step: a prefill chunk, or the last token (the tree root)
     num_lookahead: int        # extra KV slots reserved after them for draft tokens
-    is_prefill: bool
+    is_prefill: bool          # feeds uncomputed tokens (a whole or partial prompt/recompute), no tree
+    partial: bool = False     # a prefill chunk short of the last token: computes KV, emits no token
 
 
 @dataclass
@@ -42,6 +54,18 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.scheduled
+
+
+def is_decoding(req: Request) -> bool:
+    """Every token but the last (the next tree root) has its KV: the request feeds one token plus drafts."""
+    return 0 < req.num_computed_tokens == len(req.token_ids) - 1
+
+
+def chunk_within(pairs: float, context: int) -> int:
+    """Most tokens ``n`` of a chunk after ``context`` computed tokens with ``n * (context + n) <= pairs``."""
+    if math.isinf(pairs):
+        return 1 << 62
+    return int((math.sqrt(context * context + 4 * max(pairs, 0.0)) - context) / 2)
 
 
 class Scheduler:
@@ -64,16 +88,22 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        step = _StepBudget(self.config)
+        decoding = [r for r in self.running if is_decoding(r)]
+        queue = decoding + [r for r in self.running if not is_decoding(r)]   # decodes and verifies first
+        if decoding:
+            out.budget = self.policy.budget(len(decoding))
+            self.budget_log.note(out.budget, len(decoding))
         kept: list[Request] = []
-        queue = list(self.running)
-        if queue:
-            out.budget = self.policy.budget(len(queue))
-            self.budget_log.note(out.budget, len(queue))
+        step.decodes_left = len(decoding)
         while queue:
             req = queue.pop(0)
-            lookahead = self.lookahead_for(req, out.budget)
-            need = len(req.token_ids) + lookahead
+            planned = self._plan(req, out.budget, step)
+            if planned is None:                     # no room in this step's budget: runs next step
+                kept.append(req)
+                continue
+            n, lookahead = planned
+            need = req.num_computed_tokens + n + lookahead
             while not self.kv.can_allocate(req.request_id, need):
                 victim = queue.pop() if queue else req
                 self._preempt(victim)
@@ -83,24 +113,31 @@ class Scheduler:
             else:
                 self.kv.allocate(req.request_id, need)
                 kept.append(req)
-                n = len(req.token_ids) - req.num_computed_tokens
-                out.scheduled.append(ScheduledRequest(req, n, lookahead, is_prefill=False))
-                budget -= n + lookahead
+                out.scheduled.append(step.take(req, n, lookahead))
         self.running = kept
         if out.preempted:
             return out
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = len(req.token_ids)
-            if (n > budget and self.running) or not self.kv.can_allocate(req.request_id, n):
+            planned = self._plan(req, None, step)
+            if planned is None or not self.kv.can_allocate(req.request_id, planned[0]):
                 break
             self.waiting.popleft()
-            self.kv.allocate(req.request_id, n)
+            self.kv.allocate(req.request_id, planned[0])
             req.status = Status.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, 0, is_prefill=True))
-            budget -= n
+            out.scheduled.append(step.take(req, planned[0], 0))
         return out
+
+    def _plan(self, req: Request, budget: int | None, step: _StepBudget) -> tuple[int, int] | None:
+        """(tokens to feed, lookahead slots) for ``req`` this step, or None when the step has no room."""
+        if is_decoding(req):
+            step.decodes_left -= 1
+            if step.tokens < 1:
+                return None
+            return 1, max(0, min(self.lookahead_for(req, budget or 0), step.tokens - 1 - step.decodes_left))
+        n = step.chunk(req.num_computed_tokens, len(req.token_ids) - req.num_computed_tokens)
+        return (n, 0) if n > 0 else None
 
     def lookahead_for(self, req: Request, budget: int) -> int:
         """Draft slots worth reserving: the step's ``budget`` unless the request names its own (at most
@@ -119,9 +156,16 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
+    def advance(self, s: ScheduledRequest) -> None:
+        """Record a partial prefill chunk: its KV is computed, no token is emitted."""
+        req = s.request
+        req.num_computed_tokens += s.num_new_tokens
+        req.max_computed_tokens = max(req.max_computed_tokens, req.num_computed_tokens)
+
     def commit(self, req: Request, new_tokens: list[int]) -> list[int]:
         """Record a step's tokens (accepted drafts + bonus); returns those kept before any stop."""
         req.num_computed_tokens = len(req.token_ids) + len(new_tokens) - 1
+        req.max_computed_tokens = max(req.max_computed_tokens, req.num_computed_tokens)
         kept: list[int] = []
         for tok in new_tokens:
             kept.append(tok)
@@ -148,3 +192,31 @@ class Scheduler:
         if req is not None:
             self.finish(req, "abort")
         return req
+
+
+class _StepBudget:
+    """What is left of one step's token and prefill-attention budgets."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.tokens = config.max_num_batched_tokens
+        self.pairs = float(config.max_prefill_attention or math.inf)
+        self.min_chunk = config.min_prefill_chunk
+        self.any_prefill = False
+        self.decodes_left = 0      # decoding requests not planned yet: each keeps one token of the budget
+
+    def chunk(self, computed: int, remaining: int) -> int:
+        """Tokens of the next prefill chunk: within both budgets (the step's first chunk gets at least
+        ``min_chunk``, so a long context always advances)."""
+        n = min(remaining, self.tokens, chunk_within(self.pairs, computed))
+        if not self.any_prefill:
+            n = max(n, min(remaining, self.tokens, self.min_chunk))
+        return n
+
+    def take(self, req: Request, n: int, lookahead: int) -> ScheduledRequest:
+        self.tokens -= n + lookahead
+        prefill = not is_decoding(req)
+        if prefill:
+            self.pairs -= n * (req.num_computed_tokens + n)
+            self.any_prefill = True
+        partial = prefill and req.num_computed_tokens + n < len(req.token_ids)
+        return ScheduledRequest(req, n, lookahead, is_prefill=prefill, partial=partial)

@@ -1,6 +1,7 @@
 """Owns the model and the KV tensors; turns a ``SchedulerOutput`` into one forward and committed tokens.
 
-Prefills feed their uncomputed tokens causally. Decoding requests feed their root
+Prefills feed a chunk of their uncomputed tokens causally (only a chunk that reaches the last token
+samples one). Decoding requests feed their root
 (the last committed token) plus, when a drafter is set, its draft tree: positions
 are prefix length + depth and each tree token attends to its ancestors only. The
 accepted path's KV is then compacted into contiguous slots.
@@ -96,9 +97,10 @@ class ModelRunner:
             req, start = s.request, s.request.num_computed_tokens
             tree = trees.get(req.request_id)
             if tree is None:
-                ids.extend(req.token_ids[start:])
-                positions.extend(range(start, len(req.token_ids)))
-                seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(req.token_ids) - start))
+                end = start + s.num_new_tokens
+                ids.extend(req.token_ids[start:end])
+                positions.extend(range(start, end))
+                seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, s.num_new_tokens))
             else:
                 ids.append(req.token_ids[-1])
                 ids.extend(tree.tokens)
@@ -106,7 +108,8 @@ class ModelRunner:
                 seqs.append(SeqAttention(self.kv.block_table(req.request_id), start, len(tree) + 1,
                                          tree.ancestor_mask(include_root=True)))
         hidden = self.forward(ids, positions, seqs, any(s.is_prefill for s in sched.scheduled))   # [T, hidden]
-        n_logits = [seq.num_new if seq.tree_mask is not None else 1 for seq in seqs]  # every tree row, else last
+        n_logits = [seq.num_new if seq.tree_mask is not None else int(not s.partial)   # every tree row, else last
+                    for s, seq in zip(sched.scheduled, seqs)]                               # (none: partial chunk)
         ends = torch.tensor([seq.num_new for seq in seqs]).cumsum(0).tolist()
         wanted = [i for end, n in zip(ends, n_logits) for i in range(end - n, end)]
         logits = self.model.compute_logits(hidden[wanted]).float()                 # [R, V]
@@ -123,9 +126,13 @@ class ModelRunner:
 
     def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, logits: torch.Tensor,
                         tree: DraftTree | None, out: RunnerOutput) -> AcceptUpdate:
-        """Sample or accept for one request. ``rows`` [n, hidden] its features, ``logits`` [1 or n, V]."""
+        """Sample or accept for one request. ``rows`` [n, hidden] its features, ``logits`` [0, 1 or n, V]."""
         req = s.request
         rid, start = req.request_id, req.num_computed_tokens
+        if s.partial:                                   # a prefill chunk: the next prompt token follows it
+            end = start + s.num_new_tokens
+            out.new_tokens[rid] = []
+            return AcceptUpdate(rid, start, req.token_ids[start:end], rows, req.token_ids[end], reset=start == 0)
         gen = self.generators.get(rid)
         if gen is None:
             gen = self.generators[rid] = new_generator(req.params.seed, self.device)
@@ -134,7 +141,7 @@ class ModelRunner:
             out.new_tokens[rid] = [token]
             if not s.is_prefill and self.drafter is not None:
                 out.drafted[rid], out.accepted[rid] = 0, 0
-            return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=s.is_prefill)
+            return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=start == 0)
         result = self._accept(tree, logits, req.params, gen)
         self._compact(rid, start, result)
         out.new_tokens[rid] = result.emitted

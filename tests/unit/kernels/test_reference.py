@@ -87,3 +87,39 @@ def test_copy_slots_compacts_accepted_path():
     reference.copy_slots(k_cache, v_cache, src, dst)
     torch.testing.assert_close(k_cache.view(-1, 1, 2)[dst], expect_k)
     torch.testing.assert_close(v_cache.view(-1, 1, 2)[dst], expect_k + 100)
+
+
+def test_ragged_batch_with_long_chunks_matches_dense():
+    """Long prefill chunks (from position 0 and after a prefix) attend on their own, beside decodes and a
+    tree in the padded group, and every row still equals dense masked attention."""
+    from kernels.reference import SHORT_QUERY, ragged_plan
+    torch.manual_seed(2)
+    block_size, heads, kv_heads, dim = 4, 6, 2, 8
+    k_cache, v_cache = torch.randn(96, block_size, kv_heads, dim), torch.randn(96, block_size, kv_heads, dim)
+    long = SHORT_QUERY + 9
+    seqs = [
+        SeqAttention(list(range(0, 12)), 5, 1),                                  # a decode
+        SeqAttention(list(range(12, 24)), 0, long),                              # a prompt's first chunk
+        SeqAttention(list(range(24, 30)), 7, 4, tree_mask([-1, 0, 0, 1])),       # a draft tree
+        SeqAttention(list(range(30, 60)), 50, long + 3),                         # a later chunk
+        SeqAttention(list(range(60, 64)), 2, 3),                                 # a short chunk
+    ]
+    meta = build_metadata(seqs, block_size)
+    meta.backend_data = plan = ragged_plan(meta, torch.device("cpu"))
+    assert [c.num_new for c in plan.chunks] == [long, long + 3]
+    assert plan.chunks[0].attn_mask is None and tuple(plan.chunks[1].attn_mask.shape) == (long + 3, 50 + long + 3)
+    assert plan.padded.query_valid.shape[1] == 4                                 # padded to the tree, not to a chunk
+    total = sum(s.num_new for s in seqs)
+    q = torch.randn(total, heads, dim)
+    reference.write_kv(torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim), k_cache, v_cache, meta)
+    got = reference.attend(q, k_cache, v_cache, meta, scale=dim ** -0.5)
+    offset = 0
+    for s in seqs:
+        ctx = s.prefix_len + s.num_new
+        slots = torch.from_numpy(slots_for(s.block_table, 0, ctx, block_size))
+        mask = np.ones((s.num_new, ctx), dtype=bool)
+        mask[:, s.prefix_len:] = s.tree_mask if s.tree_mask is not None else np.tri(s.num_new, dtype=bool)
+        want = dense_attention(q[offset:offset + s.num_new], k_cache.view(-1, kv_heads, dim)[slots],
+                               v_cache.view(-1, kv_heads, dim)[slots], mask, dim ** -0.5)
+        torch.testing.assert_close(got[offset:offset + s.num_new], want, atol=1e-5, rtol=1e-5)
+        offset += s.num_new
