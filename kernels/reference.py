@@ -59,8 +59,9 @@ def visibility(s: SeqAttention) -> np.ndarray:
     return mask
 
 
-def padded_gather(seqs: list[SeqAttention], offsets: list[int], block_size: int,
-                  device: torch.device) -> PaddedGather:
+def padded_gather(seqs: list[SeqAttention], offsets: list[int], block_size: int, device: torch.device,
+                  whole: bool = False) -> PaddedGather:
+    """The padded group of ``seqs`` (queries at batch ``offsets``); ``whole``: they are the whole batch."""
     num_seqs, q_max = len(seqs), max(s.num_new for s in seqs)
     ctx = [s.prefix_len + s.num_new for s in seqs]
     l_max = max(ctx)
@@ -75,9 +76,8 @@ def padded_gather(seqs: list[SeqAttention], offsets: list[int], block_size: int,
         kv_index[b, :ctx[b]] = slots_for(s.block_table, 0, ctx[b], block_size)
         mask[b, 0, :n, :ctx[b]] = visibility(s)
         mask[b, 0, n:, 0] = True  # padded query rows attend somewhere: no NaN rows
-    whole = num_seqs == 1 and offsets[0] == 0
     return PaddedGather(
-        rows=None if whole else torch.from_numpy(query_index.reshape(-1)).to(device),
+        rows=None if whole and num_seqs == 1 else torch.from_numpy(query_index.reshape(-1)).to(device),
         query_valid=torch.from_numpy(query_valid).to(device),
         kv_index=torch.from_numpy(kv_index).to(device),
         attn_mask=None if mask.all() else torch.from_numpy(mask).to(device),
@@ -96,7 +96,8 @@ def ragged_plan(meta: AttentionMetadata, device: torch.device) -> RaggedPlan:
         chunks.append(Chunk(offsets[b], s.num_new, torch.from_numpy(slots).to(device), mask))
     if not short:
         return RaggedPlan(None, None, chunks)
-    padded = padded_gather([meta.seqs[b] for b in short], [offsets[b] for b in short], meta.block_size, device)
+    padded = padded_gather([meta.seqs[b] for b in short], [offsets[b] for b in short], meta.block_size, device,
+                           whole=not chunks)
     tokens = None
     if chunks:
         tokens = torch.from_numpy(np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in short])).to(device)
