@@ -10,15 +10,21 @@ import sys
 from server.config import ServerConfig, add_config_flags, config_from_args
 
 
+SHUTDOWN_GRACE_S = 5  # after the drain: uvicorn's wait for the last responses to be written
+
+
 def serve(cfg: ServerConfig) -> None:
     import uvicorn
 
-    from server.api.app import create_app
+    from server.api.app import DrainingServer, create_app
     from server.build import build_engine
 
     llm, name = build_engine(cfg)
+    app = create_app(llm, name, cfg)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", name, cfg.host, cfg.port)
-    uvicorn.run(create_app(llm, name), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    DrainingServer(config, lambda: app.state.serving.admission.drain(cfg.shutdown_timeout)).run()
 
 
 def main(argv: list[str] | None = None) -> None:

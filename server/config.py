@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = REPO_ROOT / "configs" / "default.yaml"
+API_KEYS_ENV = "TREESPEC_API_KEYS"
 
 
 class ServerConfig(BaseModel):
@@ -60,6 +62,35 @@ class ServerConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
+    # --- HTTP front end hardening: API keys, request limits, shutdown (server/api/) ---
+    api_key: list[str] = Field(default_factory=list, description="API key required as 'Authorization: Bearer "
+                               "<key>' on /v1/* (repeat the flag for several; more from TREESPEC_API_KEYS, "
+                               "comma-separated, and --api-key-file); no key anywhere: the API is open")
+    api_key_file: str | None = Field(None, description="File of API keys, one per line (blank lines ignored)")
+    protect_metrics: bool = Field(False, description="Require an API key on /metrics too (/health stays open)")
+    max_request_bytes: int = Field(8 << 20, ge=0, description="Largest request body in bytes; larger ones, "
+                                   "chunked or not, get 413 before parsing (0: no limit)")
+    max_waiting_requests: int = Field(256, ge=0, description="Requests (choices) that may wait beyond "
+                                      "max_num_seqs; more in flight get 429 with Retry-After (0: no limit)")
+    request_timeout: float | None = Field(None, gt=0, description="Seconds a request may run before it is "
+                                          "aborted: 504 (timeout_error), or an error event on a stream")
+    shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM/SIGINT: seconds in-flight requests get to "
+                                    "finish while new ones get 503 and /health 503; then they are aborted")
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"API key file {path!r} does not exist")
+        return path
+
+    def api_keys(self) -> list[str]:
+        """Every configured key: --api-key, TREESPEC_API_KEYS (comma-separated), --api-key-file (one a line)."""
+        keys = [*self.api_key, *os.environ.get(API_KEYS_ENV, "").split(",")]
+        if self.api_key_file:
+            keys += Path(self.api_key_file).read_text().splitlines()
+        return [k.strip() for k in keys if k.strip()]
+
     @property
     def torch_dtype(self) -> str:
         """The dtype name after resolving ``auto`` for the device."""
@@ -99,12 +130,15 @@ def _flag_type(annotation):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> None:
-    """One ``--flag`` per config field (default None: unset flags keep the preset's value)."""
+    """One ``--flag`` per config field, repeatable for list fields (default None: unset flags keep the preset's
+    value)."""
     parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: configs/default.yaml)")
     for name, field in model.model_fields.items():
         typ, choices = _flag_type(field.annotation)
+        action = "append" if get_origin(field.annotation) is list else "store"
+        default = field.get_default(call_default_factory=True)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, choices=choices, default=None,
-                            help=f"{field.description} (default: {field.default})")
+                            action=action, help=f"{field.description} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, model=ServerConfig):

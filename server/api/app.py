@@ -1,18 +1,26 @@
-"""FastAPI app factory: lifespan runs the engine thread; errors become OpenAI error bodies."""
+"""FastAPI app factory (lifespan runs the engine thread; errors become OpenAI error bodies) and the uvicorn
+server that drains before it shuts down."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.admission import Admission
+from server.api.middleware import ApiKeyAuth, BodyLimit
 from server.api.protocol import error_body
 from server.api.routes import router
 from server.api.serving import APIError, ServingState
+from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailed
 from server.engine.llm_engine import LLMEngine
 from server.metrics import Metrics
@@ -41,9 +49,13 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"'{param}': {msg}", param
 
 
-def create_app(llm: LLMEngine, model_name: str) -> FastAPI:
+def create_app(llm: LLMEngine, model_name: str, cfg: ServerConfig | None = None) -> FastAPI:
+    """The app serving ``llm``; ``cfg`` gives the front end's settings (API keys, limits, timeouts)."""
+    cfg = cfg or ServerConfig()
     metrics = Metrics(model_name, llm.scheduler)
-    engine = AsyncEngine(llm, on_stats=metrics.observe)
+    waiting = cfg.max_waiting_requests
+    max_in_flight = llm.scheduler.config.max_num_seqs + waiting if waiting else 0  # 0: no limit
+    engine = AsyncEngine(llm, on_stats=metrics.observe, max_in_flight=max_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -52,13 +64,19 @@ def create_app(llm: LLMEngine, model_name: str) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="treespec", lifespan=lifespan)
-    app.state.serving = ServingState(engine, model_name, llm.tokenizer)
+    app.state.serving = ServingState(engine, model_name, llm.tokenizer, Admission(engine), cfg.request_timeout)
     app.state.metrics = metrics
     app.include_router(router)
+    if cfg.max_request_bytes:
+        app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    keys = cfg.api_keys()
+    if keys:  # added last: runs first, so an unauthenticated body is never read
+        app.add_middleware(ApiKeyAuth, keys=keys, protect_metrics=cfg.protect_metrics)
+    log.info("API keys: %s", f"{len(keys)} (required on /v1/*)" if keys else "none (the API is open)")
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
@@ -86,3 +104,31 @@ def create_app(llm: LLMEngine, model_name: str) -> FastAPI:
                             status_code=500)
 
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains first: ``drain()`` runs while the server still answers
+    (new requests 503, ``/health`` 503), then uvicorn's own graceful shutdown follows. A second signal is
+    uvicorn's (it stops waiting for the drain)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Coroutine]):
+        super().__init__(config)
+        self.drain = drain
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining: asyncio.Future | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.loop is None or self.draining is not None:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = asyncio.run_coroutine_threadsafe(self.drain_then_exit(sig), self.loop)
+
+    async def drain_then_exit(self, sig: int) -> None:
+        try:
+            await self.drain()
+        finally:
+            super().handle_exit(sig, None)

@@ -1,4 +1,8 @@
-"""OpenAI request models (validated strictly) and response/chunk builders."""
+"""OpenAI request models (validated strictly) and response/chunk builders.
+
+Where OpenAI is strict, so is this server: booleans must be JSON booleans and integers JSON integers
+(``"16"``, ``16.0``, ``1`` for ``true`` are 400s); numbers accept integers and floats, never strings.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,16 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Parameters OpenAI defines that this server does not implement, with the value(s) that mean "off".
 UNSUPPORTED: dict[str, tuple] = {
@@ -23,16 +36,17 @@ UNSUPPORTED: dict[str, tuple] = {
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SpeculationOptions(BaseModel):
     """Extension: per-request draft-tree shape (defaults come from the server's flags)."""
 
     model_config = ConfigDict(extra="forbid")
-    total_tokens: int | None = Field(None, ge=0, le=256, description="draft nodes per step; 0 disables drafting")
-    depth: int | None = Field(None, ge=1, le=32, description="tree drafters: expansion depth")
-    top_k: int | None = Field(None, ge=1, le=64, description="tree drafters: children per node")
+    total_tokens: StrictInt | None = Field(None, ge=0, le=256,
+                                           description="draft nodes per step; 0 disables drafting")
+    depth: StrictInt | None = Field(None, ge=1, le=32, description="tree drafters: expansion depth")
+    top_k: StrictInt | None = Field(None, ge=1, le=64, description="tree drafters: children per node")
 
 
 class SamplingRequest(BaseModel):
@@ -41,14 +55,14 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k (extension)")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    top_k: StrictInt = Field(0, ge=-1, description="0 or -1 disables top-k (extension)")
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    n: StrictInt = Field(1, ge=1, le=16)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     speculation: SpeculationOptions | None = None
     user: str | None = None
@@ -129,7 +143,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     @property
     def token_limit(self) -> int | None:
@@ -137,7 +151,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
 
     @property
     def token_limit(self) -> int | None:
@@ -155,6 +169,19 @@ class CompletionRequest(SamplingRequest):
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server sends (documented in the OpenAPI schema; built by ``error_body``)."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

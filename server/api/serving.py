@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
-from server.api.protocol import ChatMessage, SamplingRequest
+from server.api.protocol import ChatMessage, SamplingRequest, error_body
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import RequestTooLong
 from server.engine.outputs import RequestOutput
 from server.engine.request import SamplingParams
+
+if TYPE_CHECKING:
+    from server.api.admission import Admission
+
+T = TypeVar("T")
+TOKENIZER_THREADS = 4
 
 
 class APIError(Exception):
     """A user-facing error rendered as an OpenAI error body."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    @property
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 @dataclass
@@ -36,11 +48,26 @@ class ServingState:
     engine: AsyncEngine
     model_name: str
     tokenizer: object
+    admission: Admission
+    request_timeout: float | None = None  # seconds; None: no limit
+    # Tokenizer calls run in worker threads (the event loop stays free for /health and streams), this many at once.
+    tokenizer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(TOKENIZER_THREADS))
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread (at most ``TOKENIZER_THREADS`` at once)."""
+        async with self.tokenizer_slots:
+            return await asyncio.to_thread(fn)
+
+    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        return await self.off_loop(lambda: self.render_chat(messages))
+
+    async def completion_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        return await self.off_loop(lambda: [self.encode_prompt(p) for p in prompts])
 
     def render_chat(self, messages: list[ChatMessage]) -> list[int]:
         convo = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
@@ -79,7 +106,7 @@ class ServingState:
         for p_idx, ids in enumerate(prompts):
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
-            max_tokens = req.token_limit or max(1, llm.max_model_len - len(ids))
+            max_tokens = req.token_limit or max(1, llm.max_new_tokens(len(ids)))  # default: what fits
             try:
                 llm.check_length(len(ids), max_tokens)
             except RequestTooLong as exc:
@@ -114,13 +141,16 @@ class ServingState:
         return {"draft_tokens": opts.total_tokens, "draft_depth": opts.depth, "draft_top_k": opts.top_k}
 
 
-async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job]
+async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job], timeout: float | None = None
                    ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run all choices concurrently and yield ``(choice index, output delta)`` as they arrive.
 
-    Closing the iterator (client gone, error) cancels every choice, which aborts it in the engine.
+    Closing the iterator (client gone, error, ``timeout`` seconds passed: a 504 ``APIError``) cancels every
+    choice, which aborts it in the engine.
     """
     queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
 
     async def pump(job: Job) -> None:
         try:
@@ -133,7 +163,12 @@ async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job]
     remaining = len(jobs)
     try:
         while remaining:
-            index, item = await queue.get()
+            wait = None if deadline is None else deadline - loop.time()
+            try:
+                index, item = await asyncio.wait_for(queue.get(), wait)
+            except asyncio.TimeoutError:
+                raise APIError(504, f"the request did not finish within {timeout:g} s (--request-timeout)",
+                               "timeout_error", code="request_timeout") from None
             if isinstance(item, Exception):
                 raise item
             remaining -= item.finished

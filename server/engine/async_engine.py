@@ -23,12 +23,33 @@ class RequestFailed(RuntimeError):
     """The engine failed this request alone (the others in its step went on)."""
 
 
+class EngineBusy(RuntimeError):
+    """``max_in_flight`` requests are in flight already."""
+
+
+class Reservation:
+    """``n`` in-flight slots taken by ``AsyncEngine.reserve``; ``release`` (idempotent) gives them back."""
+
+    def __init__(self, engine: AsyncEngine, n: int):
+        self.engine, self.n = engine, n
+
+    def release(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.engine._unreserve(n)
+
+
 class AsyncEngine:
     """Thread-safe front of the engine: ``generate`` yields ``RequestOutput`` deltas."""
 
-    def __init__(self, engine: LLMEngine, on_stats: Callable[[StepStats], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_stats: Callable[[StepStats], None] | None = None,
+                 max_in_flight: int = 0):
         self.engine = engine
         self.on_stats = on_stats
+        self.max_in_flight = max_in_flight  # requests (choices) reserved at once; 0: no limit
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+        self._refusal: BaseException | None = None  # set by ``fail_requests``: every later request fails with it
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -48,9 +69,31 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def reserve(self, n: int) -> Reservation:
+        """Count ``n`` requests as in flight until the reservation is released; ``EngineBusy`` if that would pass
+        ``max_in_flight`` (a lone reservation is always granted, so a large ``n`` cannot be refused forever)."""
+        with self._count_lock:
+            if self.max_in_flight and self.in_flight and self.in_flight + n > self.max_in_flight:
+                raise EngineBusy(f"{self.in_flight} requests are in flight (limit {self.max_in_flight})")
+            self.in_flight += n
+        return Reservation(self, n)
+
+    def _unreserve(self, n: int) -> None:
+        with self._count_lock:
+            self.in_flight -= n
+
+    def fail_requests(self, exc: BaseException) -> None:
+        """Fail every request being generated, and every later one, with ``exc`` (each is aborted in the engine
+        as its stream ends). Call from the event loop's thread."""
+        self._refusal = exc
+        for request_id in list(self._streams):
+            self._deliver(request_id, exc)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs; aborts it if the consumer goes away."""
+        if self._refusal is not None:
+            raise self._refusal
         if not self.healthy:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         stream: asyncio.Queue = asyncio.Queue()
