@@ -3,6 +3,7 @@ whose engine steps can be held, so requests stay in flight for as long as a test
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from server.api.app import DrainingServer, create_app
 from server.config import ServerConfig
 
 MODEL = "tiny"
+CHAT = "/v1/chat/completions"
 WAIT_S = 30.0   # upper bound on waiting for something that must happen (not a speed assertion)
 
 
@@ -34,6 +36,17 @@ class Live:
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=WAIT_S, **kwargs)
+
+    def post(self, body: dict, path: str = CHAT, **kwargs) -> httpx.Response:
+        with self.client() as http:
+            return http.post(path, json=body, **kwargs)
+
+    def stream_events(self, body: dict, path: str = CHAT) -> list[dict | str]:
+        """The SSE ``data:`` payloads of a streamed request (JSON decoded; ``[DONE]`` as is)."""
+        with self.client() as http, http.stream("POST", path, json={**body, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            data = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        return [d if d == "[DONE]" else json.loads(d) for d in data]
 
     def signal_exit(self) -> None:
         """What SIGTERM does (the handler is only installed in a main thread)."""

@@ -7,7 +7,7 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from server.config import DEFAULT_PRESET, ServerConfig, add_config_flags, config_from_args
+from server.config import API_KEYS_ENV, DEFAULT_PRESET, ServerConfig, add_config_flags, config_from_args
 
 
 def parse(*argv):
@@ -36,3 +36,24 @@ def test_auto_dtype_follows_the_device():
     assert ServerConfig(device="cpu").torch_dtype == "float32"
     assert ServerConfig(device="cuda").torch_dtype == "bfloat16"
     assert ServerConfig(device="cuda", dtype="float16").torch_dtype == "float16"
+
+
+def test_api_keys_from_flags_environment_and_file(monkeypatch, tmp_path):
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    assert parse().api_keys() == []
+    cfg = parse("--api-key", "a", "--api-key", "b")
+    assert cfg.api_key == ["a", "b"] and cfg.api_keys() == ["a", "b"]
+    keys = tmp_path / "keys"
+    keys.write_text("f1\n  f2  \n\n")
+    monkeypatch.setenv(API_KEYS_ENV, "e1,, e2 ")
+    assert parse("--api-key", "a", "--api-key-file", str(keys)).api_keys() == ["a", "e1", "e2", "f1", "f2"]
+    with pytest.raises(ValidationError, match="does not exist"):
+        parse("--api-key-file", str(tmp_path / "missing"))
+
+
+def test_hardening_defaults():
+    cfg = parse()
+    assert (cfg.max_request_bytes, cfg.max_waiting_requests, cfg.request_timeout, cfg.shutdown_timeout,
+            cfg.protect_metrics) == (8 << 20, 256, None, 30.0, False)
+    cfg = parse("--request-timeout", "2.5", "--protect-metrics", "true", "--max-waiting-requests", "0")
+    assert (cfg.request_timeout, cfg.protect_metrics, cfg.max_waiting_requests) == (2.5, True, 0)
