@@ -35,7 +35,7 @@ class Live:
         return self.app.state.serving
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=WAIT_S, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": WAIT_S, **kwargs})
 
     def post(self, body: dict, path: str = CHAT, **kwargs) -> httpx.Response:
         with self.client() as http:
