@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import shlex
 import sys
@@ -70,8 +71,8 @@ def stall(engine, streams: int, long_ids: list[int], short_ids: list[list[int]],
             arrival = now
     for rid in list(times):
         engine.abort(rid)
-    gaps = [b - a for t in times.values() for a, b in zip(t, t[1:]) if b > arrival and a < first_token]
-    before = [b - a for t in times.values() for a, b in zip(t, t[1:]) if b <= arrival]
+    gaps = [b - a for t in times.values() for a, b in itertools.pairwise(t) if b > arrival and a < first_token]
+    before = [b - a for t in times.values() for a, b in itertools.pairwise(t) if b <= arrival]
     return {"long_prompt_tokens": len(long_ids), "long_ttft_s": first_token - arrival,
             "max_gap_s": max(gaps), "median_gap_s": sorted(gaps)[len(gaps) // 2],
             "median_gap_before_s": sorted(before)[len(before) // 2],

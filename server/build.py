@@ -82,7 +82,7 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     num_blocks = cfg.num_kv_blocks or max(
         1, int(cfg.kv_cache_gib * 2**30 // (kv_bytes_per_token(model, dtype) * cfg.block_size)))
-    kv = KVManager(BlockPool(num_blocks, cfg.block_size))
+    kv = KVManager(BlockPool(num_blocks, cfg.block_size), prefix_caching=cfg.enable_prefix_caching)
     drafter = build_drafter(cfg.drafter, cfg, model)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter, cfg.attention_backend)

@@ -42,6 +42,8 @@ class ServerConfig(BaseModel):
         None, ge=0, description="Most (query, key) pairs the prefill chunks of one step attend to: a long prompt's "
                                 "chunks shrink as its context grows, so no step stalls the streams beside it "
                                 "(default: 524288 on CPU, 0 = unbounded on CUDA)")
+    enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "
+                                                           "prefixes between requests (automatic prefix caching)")
     drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
                                              "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
                                              "hybrid (prompt lookup merged into eagle's tree)")

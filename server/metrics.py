@@ -27,6 +27,10 @@ class Metrics:
                                    "later)", labels, registry=r)
         self.recomputed_tokens = Counter("treespec_recomputed_prompt_tokens", "Tokens prefilled again after a "
                                          "preemption (not counted as prompt tokens)", labels, registry=r)
+        self.prefix_queries = Counter("treespec_prefix_cache_queries", "Tokens of admitted requests looked up "
+                                      "in the prefix cache", labels, registry=r)
+        self.prefix_hits = Counter("treespec_prefix_cache_hits", "Tokens whose KV the prefix cache held (hit "
+                                   "rate = hits / queries)", labels, registry=r)
         self.generation_tokens = Counter("treespec_generation_tokens", "Generated tokens", labels, registry=r)
         self.ttft = Histogram("treespec_time_to_first_token_seconds", "Time to first token", labels,
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -78,6 +82,8 @@ class Metrics:
         self.generation_tokens.labels(m).inc(stats.num_generation_tokens)
         self.preemptions.labels(m).inc(stats.num_preemptions)
         self.recomputed_tokens.labels(m).inc(stats.num_recomputed_tokens)
+        self.prefix_queries.labels(m).inc(stats.prefix_query_tokens)
+        self.prefix_hits.labels(m).inc(stats.prefix_hit_tokens)
         for v in stats.ttft:
             self.ttft.labels(m).observe(v)
         for v in stats.inter_token:

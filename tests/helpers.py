@@ -67,7 +67,8 @@ class ByteTokenizer:
 def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                 max_model_len: int = 256, eos: tuple[int, ...] = (), drafter=None, budget_policy=None,
                 device: str = "cpu", attention_backend: str | None = None, cuda_graphs: bool = False,
-                max_num_batched_tokens: int | None = None, max_prefill_attention: int = 0):
+                max_num_batched_tokens: int | None = None, max_prefill_attention: int = 0,
+                prefix_caching: bool = False):
     """An ``LLMEngine`` over a tiny random native model (from ``tiny_hf_config``; a copy on ``device``);
     ``budget_policy`` (a ``BudgetPolicy``) picks the draft budget per step, else the drafter's
     ``max_tree_tokens`` always; ``max_num_batched_tokens`` (default ``max_model_len``) and
@@ -82,7 +83,7 @@ def tiny_engine(model=None, num_blocks: int = 64, block_size: int = 4, max_num_s
         model = native_from(tiny_hf_config(), hf_model_from(tiny_hf_config()).state_dict())
     if next(model.parameters()).device != torch.device(device):
         model = copy.deepcopy(model).to(device)        # shared fixtures stay on the CPU
-    kv = KVManager(BlockPool(num_blocks, block_size))
+    kv = KVManager(BlockPool(num_blocks, block_size), prefix_caching=prefix_caching)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0
     config = SchedulerConfig(max_num_seqs, max_num_batched_tokens or max_model_len, lookahead, max_model_len,
                              budget_policy, max_prefill_attention=max_prefill_attention)

@@ -2,9 +2,19 @@
 
 A request owns enough slots for its committed tokens plus any lookahead slots a
 draft tree needs this step; ``trim`` gives back blocks past what it keeps.
+
+With prefix caching, every full block of committed tokens is registered under a chain hash
+(SHA-256 of the previous block's hash and this block's token ids, so equal hashes mean equal
+prefixes), and a new request starts from the longest run of cached blocks matching its tokens.
+Shared blocks are only ever read: a request writes KV at positions >= its committed length
+(prefill chunks, tree tokens, accepted-path compaction), and a registered block lies entirely
+below it, so no copy-on-write is needed.
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
 
 from server.cache.block_pool import BlockPool
 
@@ -14,10 +24,12 @@ def blocks_needed(num_slots: int, block_size: int) -> int:
 
 
 class KVManager:
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, prefix_caching: bool = False):
         self.pool = pool
         self.block_size = pool.block_size
+        self.prefix_caching = prefix_caching
         self.tables: dict[str, list[int]] = {}
+        self.hashes: dict[str, list[bytes]] = {}      # chain hashes of each request's full committed blocks
 
     @property
     def capacity_tokens(self) -> int:
@@ -51,4 +63,36 @@ class KVManager:
             del table[keep:]
 
     def free(self, request_id: str) -> None:
-        self.pool.free(self.tables.pop(request_id, []))
+        """Release the request's blocks, last first: a cached prefix is evicted from its tail."""
+        self.pool.free(self.tables.pop(request_id, [])[::-1])
+        self.hashes.pop(request_id, None)
+
+    def block_hash(self, parent: bytes, tokens: list[int]) -> bytes:
+        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+    def match_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        """Start a request with no blocks from the cached blocks matching its tokens (all but the last,
+        which must be fed); returns the number of tokens whose KV it now has."""
+        if not self.prefix_caching or self.tables.get(request_id):
+            return 0
+        bs, table, hashes = self.block_size, [], []
+        parent = b""
+        for i in range((len(token_ids) - 1) // bs):
+            parent = self.block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            block = self.pool.take_cached(parent)
+            if block is None:
+                break
+            table.append(block)
+            hashes.append(parent)
+        self.tables[request_id], self.hashes[request_id] = table, hashes
+        return len(table) * bs
+
+    def cache_blocks(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the request's blocks that ``num_computed`` committed tokens have filled."""
+        if not self.prefix_caching:
+            return
+        bs, table = self.block_size, self.tables[request_id]
+        hashes = self.hashes.setdefault(request_id, [])
+        for i in range(len(hashes), num_computed // bs):
+            hashes.append(self.block_hash(hashes[-1] if hashes else b"", token_ids[i * bs:(i + 1) * bs]))
+            self.pool.register(table[i], hashes[-1])

@@ -129,7 +129,8 @@ class LLMEngine:
             num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
             ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
             drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget,
-            num_preemptions=len(sched.preempted), num_recomputed_tokens=recomputed)
+            num_preemptions=len(sched.preempted), num_recomputed_tokens=recomputed,
+            prefix_query_tokens=sched.prefix_query_tokens, prefix_hit_tokens=sched.prefix_hit_tokens)
         return outputs, stats
 
     def _execute_isolated(self, sched: SchedulerOutput):
@@ -161,7 +162,7 @@ class LLMEngine:
             finish_reason=req.finish_reason if req.finished else None,
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
             verify_steps=req.spec.verify_steps, drafted_tokens=req.spec.drafted_tokens,
-            accepted_tokens=req.spec.accepted_tokens)
+            accepted_tokens=req.spec.accepted_tokens, num_cached_tokens=req.num_cached_tokens)
 
     def _finish_output(self, req: Request, tokens: list[int], text: str, error: str | None = None) -> RequestOutput:
         detok = self.detok.pop(req.request_id)

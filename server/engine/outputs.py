@@ -17,6 +17,7 @@ class RequestOutput:
     verify_steps: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    num_cached_tokens: int = 0     # prompt tokens served from the prefix cache
     error: str | None = None
 
     @property
@@ -63,3 +64,5 @@ class StepStats:
     spec_budget: int | None = None   # draft budget per decoding request this step (None: nothing decoded)
     num_preemptions: int = 0         # requests preempted (KV dropped, to be recomputed) this step
     num_recomputed_tokens: int = 0   # prefill tokens computed again after a preemption (not in prompt tokens)
+    prefix_query_tokens: int = 0     # tokens of requests admitted this step (prefix-cache lookups)
+    prefix_hit_tokens: int = 0       # of which the prefix cache held the KV

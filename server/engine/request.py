@@ -63,6 +63,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0                           # prompt tokens whose KV came from the prefix cache
     spec: SpecStats = field(default_factory=SpecStats)
 
     def __post_init__(self):

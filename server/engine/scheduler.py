@@ -43,6 +43,7 @@ class ScheduledRequest:
     num_lookahead: int        # extra KV slots reserved after them for draft tokens
     is_prefill: bool          # feeds uncomputed tokens (a whole or partial prompt/recompute), no tree
     partial: bool = False     # a prefill chunk short of the last token: computes KV, emits no token
+    first_chunk: bool = False  # the first step since admission (drafters drop any state they hold)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     budget: int | None = None     # the step's draft budget per decoding request (None: nothing decodes)
+    prefix_query_tokens: int = 0  # tokens of the requests admitted this step
+    prefix_hit_tokens: int = 0    # of which the prefix cache already held the KV
 
     @property
     def empty(self) -> bool:
@@ -119,20 +122,29 @@ class Scheduler:
             return out
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            hit = self.kv.match_prefix(req.request_id, req.token_ids)
+            req.num_computed_tokens = hit
             planned = self._plan(req, None, step)
-            if planned is None or not self.kv.can_allocate(req.request_id, planned[0]):
+            if planned is None or not self.kv.can_allocate(req.request_id, hit + planned[0]):
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
-            self.kv.allocate(req.request_id, planned[0])
+            self.kv.allocate(req.request_id, hit + planned[0])
             req.status = Status.RUNNING
+            req.max_computed_tokens = max(req.max_computed_tokens, hit)
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = min(hit, req.num_prompt_tokens)
+            out.prefix_query_tokens += len(req.token_ids)
+            out.prefix_hit_tokens += hit
             self.running.append(req)
-            out.scheduled.append(step.take(req, planned[0], 0))
+            out.scheduled.append(step.take(req, planned[0], 0, first_chunk=True))
         return out
 
     def _plan(self, req: Request, budget: int | None, step: _StepBudget) -> tuple[int, int] | None:
         """(tokens to feed, lookahead slots) for ``req`` this step, or None when the step has no room."""
         if is_decoding(req):
-            step.decodes_left -= 1
+            step.decodes_left = max(0, step.decodes_left - 1)
             if step.tokens < 1:
                 return None
             return 1, max(0, min(self.lookahead_for(req, budget or 0), step.tokens - 1 - step.decodes_left))
@@ -161,6 +173,7 @@ class Scheduler:
         req = s.request
         req.num_computed_tokens += s.num_new_tokens
         req.max_computed_tokens = max(req.max_computed_tokens, req.num_computed_tokens)
+        self.kv.cache_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
 
     def commit(self, req: Request, new_tokens: list[int]) -> list[int]:
         """Record a step's tokens (accepted drafts + bonus); returns those kept before any stop."""
@@ -174,6 +187,7 @@ class Scheduler:
                 req.finish_reason = reason
                 break
         self.kv.trim(req.request_id, req.num_computed_tokens)
+        self.kv.cache_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
         return kept
 
     def finish(self, req: Request, reason: str) -> None:
@@ -212,11 +226,11 @@ class _StepBudget:
             n = max(n, min(remaining, self.tokens, self.min_chunk))
         return n
 
-    def take(self, req: Request, n: int, lookahead: int) -> ScheduledRequest:
+    def take(self, req: Request, n: int, lookahead: int, first_chunk: bool = False) -> ScheduledRequest:
         self.tokens -= n + lookahead
         prefill = not is_decoding(req)
         if prefill:
             self.pairs -= n * (req.num_computed_tokens + n)
             self.any_prefill = True
         partial = prefill and req.num_computed_tokens + n < len(req.token_ids)
-        return ScheduledRequest(req, n, lookahead, is_prefill=prefill, partial=partial)
+        return ScheduledRequest(req, n, lookahead, is_prefill=prefill, partial=partial, first_chunk=first_chunk)

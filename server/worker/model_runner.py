@@ -132,7 +132,7 @@ class ModelRunner:
         if s.partial:                                   # a prefill chunk: the next prompt token follows it
             end = start + s.num_new_tokens
             out.new_tokens[rid] = []
-            return AcceptUpdate(rid, start, req.token_ids[start:end], rows, req.token_ids[end], reset=start == 0)
+            return AcceptUpdate(rid, start, req.token_ids[start:end], rows, req.token_ids[end], reset=s.first_chunk)
         gen = self.generators.get(rid)
         if gen is None:
             gen = self.generators[rid] = new_generator(req.params.seed, self.device)
@@ -141,7 +141,7 @@ class ModelRunner:
             out.new_tokens[rid] = [token]
             if not s.is_prefill and self.drafter is not None:
                 out.drafted[rid], out.accepted[rid] = 0, 0
-            return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=start == 0)
+            return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=s.first_chunk)
         result = self._accept(tree, logits, req.params, gen)
         self._compact(rid, start, result)
         out.new_tokens[rid] = result.emitted

@@ -93,7 +93,7 @@ def test_copy_slots_compacts_accepted_path():
 
 LONG = SHORT_QUERY + 9
 MIXED = [
-    SeqAttention(list(range(0, 12)), 5, 1),                                  # a decode
+    SeqAttention(list(range(12)), 5, 1),                                  # a decode
     SeqAttention(list(range(12, 24)), 0, LONG),                              # a prompt's first chunk
     SeqAttention(list(range(24, 30)), 7, 4, tree_mask([-1, 0, 0, 1])),       # a draft tree
     SeqAttention(list(range(30, 60)), 50, LONG + 3),                         # a later chunk
