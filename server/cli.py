@@ -9,7 +9,6 @@ import sys
 
 from server.config import ServerConfig, add_config_flags, config_from_args
 
-
 SHUTDOWN_GRACE_S = 5  # after the drain: uvicorn's wait for the last responses to be written
 
 

@@ -1,5 +1,5 @@
-"""API test helpers: an in-process server (uvicorn in a thread, real HTTP on loopback) over a tiny random model
-whose engine steps can be held, so requests stay in flight for as long as a test needs."""
+"""API test helpers: an in-process server (uvicorn in a thread, real HTTP on loopback) over a tiny random
+model whose engine steps can be held, so requests stay in flight for as long as a test needs."""
 
 from __future__ import annotations
 

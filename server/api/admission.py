@@ -1,4 +1,4 @@
-"""Who may start generating: the in-flight limit (429), no one while draining for shutdown (503); the drain."""
+"""Who may start generating: the in-flight limit (429), no one while draining (503); the drain itself."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ class Admission:
         try:
             return self.engine.reserve(n)
         except EngineBusy as exc:
-            raise APIError(429, f"the server is busy: {exc}; retry after {RETRY_AFTER_S} s", "rate_limit_error",
-                           code="too_many_requests", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+            raise APIError(429, f"the server is busy: {exc}; retry after {RETRY_AFTER_S} s",
+                           "rate_limit_error", code="too_many_requests",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
     async def drain(self, timeout: float) -> None:
-        """Stop admitting, give the requests in flight ``timeout`` seconds to finish, then fail the rest (a 503,
-        or an error event on a stream) and wait briefly for those answers to go out."""
+        """Stop admitting, give the requests in flight ``timeout`` seconds to finish, then fail the rest
+        (a 503, or an error event on a stream) and wait briefly for those answers to go out."""
         self.draining = True
         log.info("draining: %d requests in flight, up to %g s", self.engine.in_flight, timeout)
         if await self.settled(timeout):

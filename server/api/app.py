@@ -64,7 +64,8 @@ def create_app(llm: LLMEngine, model_name: str, cfg: ServerConfig | None = None)
         engine.shutdown()
 
     app = FastAPI(title="treespec", lifespan=lifespan)
-    app.state.serving = ServingState(engine, model_name, llm.tokenizer, Admission(engine), cfg.request_timeout)
+    app.state.serving = ServingState(engine, model_name, llm.tokenizer, Admission(engine),
+                                     cfg.request_timeout)
     app.state.metrics = metrics
     app.include_router(router)
     if cfg.max_request_bytes:
@@ -115,17 +116,17 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.draining: asyncio.Future | None = None
+        self.drain_future: asyncio.Future | None = None
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.loop is None or self.draining is not None:
+        if self.loop is None or self.drain_future is not None:
             super().handle_exit(sig, frame)
             return
-        self.draining = asyncio.run_coroutine_threadsafe(self.drain_then_exit(sig), self.loop)
+        self.drain_future = asyncio.run_coroutine_threadsafe(self.drain_then_exit(sig), self.loop)
 
     async def drain_then_exit(self, sig: int) -> None:
         try:

@@ -23,8 +23,8 @@ async def reject(scope: Scope, receive: Receive, send: Send, status: int, body: 
 class ApiKeyAuth:
     """Every ``/v1/*`` path (and ``/metrics`` with ``protect_metrics``) needs ``Authorization: Bearer <key>``.
 
-    The presented key is compared with every configured key, always all of them, by ``hmac.compare_digest`` over
-    SHA-256 digests (equal lengths), so the time taken does not tell which key or how much of one matched.
+    The presented key is compared with every configured key, always all of them, by ``hmac.compare_digest``
+    over SHA-256 digests (equal lengths), so the time taken does not tell which key or how much of one matched.
     """
 
     def __init__(self, app: ASGIApp, keys: list[str], protect_metrics: bool = False):
@@ -53,8 +53,9 @@ class ApiKeyAuth:
 
 
 class BodyLimit:
-    """Bodies over ``max_bytes`` get a 413 before the app sees them: at once when Content-Length says so, else
-    (chunked transfer) as soon as the bytes read pass the limit. The app gets the body replayed from memory."""
+    """Bodies over ``max_bytes`` get a 413 before the app sees them: at once when Content-Length says so,
+    else (chunked transfer) as soon as the bytes read pass the limit. The app gets the body replayed from
+    memory."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app

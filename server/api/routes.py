@@ -26,8 +26,8 @@ from server.engine.async_engine import Reservation
 router = APIRouter()
 
 ERRORS = {
-    400: "Invalid request: malformed JSON, a wrong type or value, an unsupported parameter, or prompt + max_tokens "
-         "beyond the context (code context_length_exceeded)",
+    400: "Invalid request: malformed JSON, a wrong type or value, an unsupported parameter, or prompt + "
+         "max_tokens beyond the context (code context_length_exceeded)",
     401: "Missing or wrong API key (code invalid_api_key; only when the server has keys)",
     404: "Unknown model (code model_not_found)",
     413: "Request body over --max-request-bytes (code request_too_large)",
@@ -39,8 +39,9 @@ ERRORS = {
 
 
 def documented(*statuses: int) -> dict:
-    """OpenAPI ``responses=``: the error statuses a route sends, all with the OpenAI error body. The ``default``
-    entry stands for anything else and keeps FastAPI from documenting its 422, which this server never sends."""
+    """OpenAPI ``responses=``: the error statuses a route sends, all with the OpenAI error body. The
+    ``default`` entry stands for anything else and keeps FastAPI from documenting its 422, which this server
+    never sends."""
     out: dict = {s: {"model": ErrorResponse, "description": ERRORS[s]} for s in statuses}
     return out | {"default": {"model": ErrorResponse, "description": "Any other error"}}
 

@@ -50,7 +50,8 @@ class ServingState:
     tokenizer: object
     admission: Admission
     request_timeout: float | None = None  # seconds; None: no limit
-    # Tokenizer calls run in worker threads (the event loop stays free for /health and streams), this many at once.
+    # Tokenizer calls run in worker threads (the event loop stays free for /health and the streams), this many
+    # at once.
     tokenizer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(TOKENIZER_THREADS))
 
     def check_model(self, model: str) -> None:

@@ -49,7 +49,7 @@ class AsyncEngine:
         self.max_in_flight = max_in_flight  # requests (choices) reserved at once; 0: no limit
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        self._refusal: BaseException | None = None  # set by ``fail_requests``: every later request fails with it
+        self._refusal: BaseException | None = None  # set by ``fail_requests``: later requests fail with it
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -70,8 +70,9 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     def reserve(self, n: int) -> Reservation:
-        """Count ``n`` requests as in flight until the reservation is released; ``EngineBusy`` if that would pass
-        ``max_in_flight`` (a lone reservation is always granted, so a large ``n`` cannot be refused forever)."""
+        """Count ``n`` requests as in flight until the reservation is released; ``EngineBusy`` if that would
+        pass ``max_in_flight`` (a lone reservation is always granted, so a large ``n`` is never refused
+        forever)."""
         with self._count_lock:
             if self.max_in_flight and self.in_flight and self.in_flight + n > self.max_in_flight:
                 raise EngineBusy(f"{self.in_flight} requests are in flight (limit {self.max_in_flight})")
@@ -83,8 +84,8 @@ class AsyncEngine:
             self.in_flight -= n
 
     def fail_requests(self, exc: BaseException) -> None:
-        """Fail every request being generated, and every later one, with ``exc`` (each is aborted in the engine
-        as its stream ends). Call from the event loop's thread."""
+        """Fail every request being generated, and every later one, with ``exc`` (each is aborted in the
+        engine as its stream ends). Call from the event loop's thread."""
         self._refusal = exc
         for request_id in list(self._streams):
             self._deliver(request_id, exc)

@@ -51,6 +51,7 @@ def server_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(default_model_dir), "--max-num-seqs", "16", "--num-threads", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TREESPEC_API_KEYS", None)   # the tests call the API without a key
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -12,7 +12,8 @@ from server.config import API_KEYS_ENV
 
 @pytest.fixture
 def live(tiny_pair, monkeypatch) -> Iterator[Callable[..., Live]]:
-    """``live(num_blocks=.., max_num_seqs=.., **ServerConfig fields)`` starts a server; all stop at teardown."""
+    """``live(num_blocks=.., max_num_seqs=.., **ServerConfig fields)`` starts a server; all stop at the
+    end of the test."""
     monkeypatch.delenv(API_KEYS_ENV, raising=False)
     started: list[Live] = []
 

@@ -61,7 +61,8 @@ def test_a_stream_holds_its_slot_until_it_ends_or_its_client_leaves(live):
     wait_until(lambda: engine.in_flight == 0, "the finished stream's slots to come back")
     srv.steps.clear()
     with srv.client() as http, http.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
-        next(r.iter_lines())          # the role chunk: the request is admitted and generating
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")      # the role chunk: admitted and generating
         assert engine.in_flight == 1
     wait_until(lambda: engine.in_flight == 0, "the abandoned stream's slot to come back")
     srv.steps.set()
@@ -88,7 +89,6 @@ def test_request_timeout_is_a_504_and_aborts(live):
     srv.steps.set()
     wait_until(lambda: len(aborted) == 1 and not srv.llm.has_unfinished(), "the abort")
     assert srv.llm.scheduler.kv.pool.usage == 0
-    assert srv.post(chat()).status_code == 200       # a request that finishes in time is untouched
 
 
 def test_request_timeout_ends_a_stream_with_an_error_event(live):

@@ -29,8 +29,9 @@ def test_without_keys_the_api_is_open(live):
         assert http.get("/v1/models").status_code == 200
 
 
-@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Bearer"}, {"Authorization": "Basic key-one"},
-                                     {"Authorization": "key-one"}, bearer("key-one-and-more")],
+@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Bearer"},
+                                     {"Authorization": "Basic key-one"}, {"Authorization": "key-one"},
+                                     bearer("key-one-and-more")],
                          ids=["none", "wrong", "empty", "basic", "no-scheme", "prefix"])
 def test_v1_routes_need_a_valid_key(live, headers):
     with live(api_key=KEYS).client(headers=headers) as http:

@@ -44,7 +44,8 @@ LOOSE = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "param"), LOOSE, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(LOOSE)])
+@pytest.mark.parametrize(("path", "body", "param"), LOOSE,
+                         ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(LOOSE)])
 def test_loose_types_are_400(server, path, body, param):
     r = server.post(body, path)
     assert r.status_code == 400, r.text
@@ -65,7 +66,8 @@ def test_openapi_documents_the_statuses_sent_and_no_422(server):
     for path in (CHAT, COMPLETIONS):
         responses = schema["paths"][path]["post"]["responses"]
         for status in ("400", "401", "404", "413", "429", "500", "503", "504"):
-            assert responses[status]["content"]["application/json"]["schema"]["$ref"] == error_ref, (path, status)
+            schema_of = responses[status]["content"]["application/json"]["schema"]
+            assert schema_of["$ref"] == error_ref, (path, status)
     detail = schema["components"]["schemas"]["ErrorDetail"]
     assert set(detail["properties"]) == {"message", "type", "param", "code"}
     assert "401" in schema["paths"]["/v1/models"]["get"]["responses"]
