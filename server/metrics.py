@@ -22,7 +22,8 @@ class Metrics:
         self.running = Gauge("treespec_num_requests_running", "Requests in the running batch", labels, registry=r)
         self.waiting = Gauge("treespec_num_requests_waiting", "Requests waiting for admission", labels, registry=r)
         self.kv_usage = Gauge("treespec_kv_cache_usage_ratio", "Fraction of KV blocks in use", labels, registry=r)
-        self.prompt_tokens = Counter("treespec_prompt_tokens", "Prefilled prompt tokens", labels, registry=r)
+        self.prompt_tokens = Counter("treespec_prompt_tokens", "Prompt tokens (prefilled or from the prefix "
+                                     "cache; recomputation after a preemption not counted)", labels, registry=r)
         self.preemptions = Counter("treespec_num_preemptions", "Requests preempted (KV pool full; recomputed "
                                    "later)", labels, registry=r)
         self.recomputed_tokens = Counter("treespec_recomputed_prompt_tokens", "Tokens prefilled again after a "
@@ -60,6 +61,9 @@ class Metrics:
                                   labels + ["batch_size"], registry=r)
         self.recent: deque[int] = deque(maxlen=RECENT_STEPS)
         self.model_name = model_name
+        for metric in (self.prompt_tokens, self.preemptions, self.recomputed_tokens, self.prefix_queries,
+                       self.prefix_hits, self.generation_tokens, self.ttft, self.itl, self.e2e):
+            metric.labels(model_name)          # exported (at 0) from the start, not from the first request
         if scheduler is not None:  # read live at scrape time: correct even while the engine idles
             self.running.labels(model_name).set_function(lambda: len(scheduler.running))
             self.waiting.labels(model_name).set_function(lambda: len(scheduler.waiting))

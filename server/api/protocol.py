@@ -189,9 +189,10 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, spec: dict | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, spec: dict | None = None, cached_tokens: int = 0) -> dict:
     body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     if spec is not None:
         body["speculation"] = spec
     return body

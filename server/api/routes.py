@@ -153,12 +153,13 @@ async def complete(raw: Request, st: ServingState, body, jobs: list[Job], rid: s
 def total_usage(jobs: list[Job], finals: dict, n: int) -> dict:
     """Usage over all choices; each prompt is counted once, not once per choice."""
     prompt_tokens = sum(len(j.prompt_ids) for j in jobs if j.index % n == 0)
+    cached = sum(finals[j.index].num_cached_tokens for j in jobs if j.index % n == 0 and j.index in finals)
     outs = list(finals.values())
     spec = {k: sum(o[k] for o in map(speculation_stats, outs)) for k in
             ("verify_steps", "drafted_tokens", "accepted_tokens")}
     steps = spec["verify_steps"]
     spec["mean_acceptance_length"] = round((spec["accepted_tokens"] + steps) / steps, 4) if steps else 0.0
-    return usage(prompt_tokens, sum(o.num_output_tokens for o in outs), spec)
+    return usage(prompt_tokens, sum(o.num_output_tokens for o in outs), spec, cached)
 
 
 async def stream(st: ServingState, body, jobs: list[Job], rid: str, chat: bool) -> AsyncIterator[str]:

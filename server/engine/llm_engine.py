@@ -90,6 +90,8 @@ class LLMEngine:
                     reasons.append("error")
                     outputs.append(self._finish_output(req, [], "", error=failed[req.request_id]))
                     continue
+                if s.first_chunk and req.num_preemptions == 0:   # prompt tokens the prefix cache served
+                    prompt_tokens += req.num_cached_tokens
                 start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
                 prompt_tokens += max(0, min(end, req.num_prompt_tokens) - max(start, req.max_computed_tokens))
                 recomputed += max(0, min(end, req.max_computed_tokens) - start)

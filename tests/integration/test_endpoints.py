@@ -68,3 +68,16 @@ def test_metrics_counters_increase_after_a_request(client, model_id, scrape, wai
     assert scrape("treespec_kv_cache_usage_ratio") == 0.0
     if r.usage.completion_tokens > 1:                            # a decoding step ran at batch size 1
         assert scrape("treespec_spec_budget") == scrape("treespec_spec_budget_by_batch_size", batch_size="1")
+
+
+def test_a_repeated_prompt_reuses_the_prefix_cache(http, model_id, scrape, wait_idle):
+    wait_idle()
+    text = "Summarise the following notes in one sentence. " + " ".join(f"Note {i}: the sky was grey." for i in range(12))
+    body = {"model": model_id, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 8}
+    hits = scrape("treespec_prefix_cache_hits_total")
+    first = http.post("/v1/chat/completions", json=body).json()
+    second = http.post("/v1/chat/completions", json=body).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"] > cached >= 64
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    assert scrape("treespec_prefix_cache_hits_total") >= hits + cached

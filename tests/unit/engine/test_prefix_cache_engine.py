@@ -35,14 +35,16 @@ def test_prefix_cache_is_lossless_and_reports_hits(tiny_eagle, drafter_kind):
         cached = {}
         for rid, (ids, p) in rest.items():
             engine.add_request(rid, ids, p)
-        got = dict(first)
+        got, prompt_tokens = dict(first), 0
         while engine.has_unfinished():
-            outs, _ = engine.step()
+            outs, step = engine.step()
+            prompt_tokens += step.num_prompt_tokens
             for o in outs:
                 got.setdefault(o.request_id, []).extend(o.token_ids)
                 if o.finished:
                     cached[o.request_id] = o.num_cached_tokens
         outputs[caching] = got
+        assert prompt_tokens == sum(len(ids) for ids, _ in rest.values())   # cached ones included, once
         assert engine.scheduler.kv.pool.usage == 0.0
         if caching:
             assert [cached[f"r{i}"] for i in range(1, 6)] == [28] * 5          # 7 full blocks of the 30-token system
