@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -44,32 +45,65 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def server_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def start_server(args: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """``treespec serve <args>`` on a free loopback port (API keys unset), its output in ``log_path``;
+    returns (process, base URL) once /health answers 200, else stops it and fails with the log tail."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", str(default_model_dir), "--max-num-seqs", "16", "--num-threads", "2"]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TREESPEC_API_KEYS", None)   # the tests call the API without a key
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with code {proc.returncode} during startup; log tail:\n"
+                        f"{log_tail(log_path)}", pytrace=False)
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S:.0f}s; log tail:\n{log_tail(log_path)}",
+                        pytrace=False)
+        time.sleep(0.5)
+
+
+def scrape_metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the live /metrics samples of the server at ``url`` called ``name`` matching ``labels``."""
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+                found = True
+    assert found, f"metric {name} {labels or ''} not exported"
+    return total
+
+
+def wait_until_idle(url: str, timeout: float = 15.0) -> None:
+    """Poll /metrics until nothing runs or waits and the KV pool is empty; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = tuple(scrape_metric(url, name) for name in ("treespec_num_requests_running",
+                                                            "treespec_num_requests_waiting",
+                                                            "treespec_kv_cache_usage_ratio"))
+        if state == (0.0, 0.0, 0.0):
+            return
+        assert time.monotonic() < deadline, f"server not idle after {timeout}s: running/waiting/kv = {state}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def server_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc, url = start_server(["--model", str(default_model_dir), "--max-num-seqs", "16", "--num-threads", "2"],
+                             log_path)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with code {proc.returncode} during startup; log tail:\n"
-                            f"{log_tail(log_path)}", pytrace=False)
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S:.0f}s; log tail:\n{log_tail(log_path)}",
-                            pytrace=False)
-            time.sleep(0.5)
         yield url
     finally:
         stop_process(proc)
@@ -98,36 +132,13 @@ def http(server_url: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def scrape(server_url: str) -> Callable[..., float]:
     """``scrape(name, **labels)``: the sum of the live /metrics samples called ``name`` matching ``labels``."""
-
-    def get(name: str, **labels: str) -> float:
-        text = httpx.get(f"{server_url}/metrics", timeout=10.0).text
-        total, found = 0.0, False
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-                    found = True
-        assert found, f"metric {name} {labels or ''} not exported"
-        return total
-
-    return get
+    return functools.partial(scrape_metric, server_url)
 
 
 @pytest.fixture(scope="session")
-def wait_idle(scrape) -> Callable[[float], None]:
-    """Poll /metrics until nothing runs or waits and the KV pool is empty; fail after ``timeout`` s."""
-
-    def wait(timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = (scrape("treespec_num_requests_running"), scrape("treespec_num_requests_waiting"),
-                     scrape("treespec_kv_cache_usage_ratio"))
-            if state == (0.0, 0.0, 0.0):
-                return
-            assert time.monotonic() < deadline, f"server not idle after {timeout}s: running/waiting/kv = {state}"
-            time.sleep(0.2)
-
-    return wait
+def wait_idle(server_url: str) -> Callable[[float], None]:
+    """``wait_idle(timeout=15)``: poll /metrics until the server is idle (``wait_until_idle``)."""
+    return functools.partial(wait_until_idle, server_url)
 
 
 @pytest.fixture(scope="session")
