@@ -10,6 +10,8 @@ drafter never touches the target's KV cache; it keeps its own state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ class DraftRequest:
     token_ids: list[int]          # committed tokens; the last one is the tree root (not yet in target KV)
     params: SamplingParams
     budget: int                   # most draft nodes the verifier accepts for this request this step
+    num_prompt_tokens: int = 0    # the first ``num_prompt_tokens`` of ``token_ids`` are the prompt
 
 
 @dataclass
@@ -40,10 +43,30 @@ class AcceptUpdate:
     reset: bool = False           # True on (re)prefill: drop any state held for this request
 
 
+@dataclass
+class TargetAccess:
+    """The narrow view of the runner a self-speculative drafter (SWIFT) gets through ``Drafter.bind``.
+
+    ``forward(ids, positions, seqs, skip_attn, skip_mlp) -> hidden [T, H]`` runs the target eagerly with
+    those sub-layers skipped; its KV writes land where ``seqs`` put the new tokens, which a drafter may
+    only point at its requests' lookahead slots (positions >= the committed length, rewritten by the
+    verify pass) or at blocks from ``scratch(n)`` (a context manager lending ``n`` free KV blocks, or
+    ``None`` when the pool has none to spare). ``block_table(request_id)`` is the request's table.
+    """
+
+    model: torch.nn.Module
+    forward: Callable[..., torch.Tensor]
+    block_table: Callable[[str], list[int]]
+    scratch: Callable[[int], AbstractContextManager[list[int] | None]]
+    block_size: int
+    device: torch.device
+
+
 class Drafter(ABC):
     name: str = "base"
     max_tree_tokens: int = 0      # lookahead KV slots the scheduler reserves per request
     acceptance_profile: dict[int, float] | None = None  # measured tau per tree budget, for calibration
+    calibratable: bool = True     # start-up calibration can time ``propose`` on synthetic requests
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
@@ -53,6 +76,9 @@ class Drafter(ABC):
         """The server's (depth, top_k) for tree drafters: per-request overrides may not exceed them
         (a request cannot make everyone's step slower); ``None``: the drafter has no such knobs."""
         return None
+
+    def bind(self, target: TargetAccess) -> None:
+        """Called once by the runner; only self-speculative drafters use the target (default: ignore)."""
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         """Learn what was committed (default: stateless drafter)."""

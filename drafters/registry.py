@@ -75,6 +75,14 @@ def _hybrid(cfg, target) -> Drafter:
     return drafter
 
 
+def _swift(cfg, target) -> Drafter:
+    """SWIFT drafts with the target itself (no checkpoint); skip sets are searched per task while serving."""
+    from drafters.swift import SwiftDrafter
+
+    name = cfg.served_model_name or Path(cfg.model).name
+    return SwiftDrafter(target.config.num_hidden_layers, cfg.max_draft_tokens, name, cfg.swift)
+
+
 def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
     f = folder / "acceptance.json"
@@ -99,6 +107,7 @@ DRAFTERS: dict[str, Factory] = {
     "eagle": _eagle,
     "gumiho": _gumiho,
     "hybrid": _hybrid,
+    "swift": _swift,
 }
 
 

@@ -11,7 +11,8 @@ matching EAGLE's ``tree_mask`` / ``tree_position_ids`` layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +34,15 @@ class DraftTree:
         tokens: draft token id of node ``i``.
         parents: parent node index of node ``i`` (``-1`` = child of the root); always ``< i``.
         scores: cumulative log-confidence of node ``i`` (sum of drafter log-probs on its path).
+        draft_probs: for sampled drafts, a ``[n + 1, V]`` tensor: the distribution each row's children
+            were drawn from, without replacement (row 0: the root's, row ``i + 1``: node ``i``'s), which
+            lossless verification needs; ``None`` for deterministic (top-k) drafts (``q = 1``).
     """
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     scores: tuple[float, ...]
+    draft_probs: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))

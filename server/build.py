@@ -89,7 +89,10 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     if cfg.cuda_graphs or (cfg.cuda_graphs is None and runner.device.type == "cuda" and runner.backend.graphable):
         runner.enable_cuda_graphs(cfg.max_num_seqs, lookahead, max_len)
     policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
-    if drafter is not None and cfg.calibrate_tree:
+    if drafter is not None and cfg.calibrate_tree and not drafter.calibratable:
+        log.info("drafter %s is not calibrated at start-up: draft budget %d at every load", drafter.name,
+                 lookahead)
+    elif drafter is not None and cfg.calibrate_tree:
         policy = calibrate_budget(runner, drafter, cfg)
     scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.step_token_budget, lookahead, max_len, policy,
                                           max_prefill_attention=cfg.prefill_attention_budget), kv)

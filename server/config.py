@@ -10,6 +10,8 @@ from typing import Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from drafters.swift_config import SwiftConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = REPO_ROOT / "configs" / "default.yaml"
 API_KEYS_ENV = "TREESPEC_API_KEYS"
@@ -42,11 +44,14 @@ class ServerConfig(BaseModel):
         None, ge=0, description="Most (query, key) pairs the prefill chunks of one step attend to: a long prompt's "
                                 "chunks shrink as its context grows, so no step stalls the streams beside it "
                                 "(default: 524288 on CPU, 0 = unbounded on CUDA)")
+    swift: SwiftConfig = Field(default_factory=SwiftConfig, description="SWIFT drafter options (the preset's "
+                                                                       "'swift:' section; see README)")
     enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "
                                                            "prefixes between requests (automatic prefix caching)")
     drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
                                              "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
-                                             "hybrid (prompt lookup merged into eagle's tree)")
+                                             "hybrid (prompt lookup merged into eagle's tree), swift (layer-skip "
+                                             "self-speculation, no checkpoint)")
     drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
                                                        "shipped drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
@@ -136,6 +141,8 @@ def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> Non
     value)."""
     parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: configs/default.yaml)")
     for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            continue                      # a drafter's option group: set in the YAML preset
         typ, choices = _flag_type(field.annotation)
         action = "append" if get_origin(field.annotation) is list else "store"
         default = field.get_default(call_default_factory=True)
@@ -144,5 +151,5 @@ def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> Non
 
 
 def config_from_args(args: argparse.Namespace, model=ServerConfig):
-    overrides = {name: getattr(args, name) for name in model.model_fields}
+    overrides = {name: getattr(args, name, None) for name in model.model_fields}
     return model.from_yaml(args.config, **overrides)

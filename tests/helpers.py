@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from collections import Counter
 
 import pytest
 import torch
@@ -214,3 +216,47 @@ def assert_drafter_lossless(hf_model, target, drafter, batch: int, seed: int, ma
         assert got[f"r{i}"] == reference_greedy(hf_model, p, max_tokens)
     assert all(r.spec.verify_steps > 0 and r.spec.drafted_tokens > 0 for r in reqs)
     assert engine.scheduler.kv.pool.usage == 0.0 and not getattr(engine.runner.drafter, "states", None)
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """Chi-square survival function ``Q(dof/2, stat/2)`` (regularized upper incomplete gamma)."""
+    a, x = dof / 2.0, stat / 2.0
+    if x <= 0.0:
+        return 1.0
+    log_prefix = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1.0:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10_000):
+            ap += 1.0
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_prefix))
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return math.exp(log_prefix) * h
+
+
+def chi2_pvalue(samples: list[int], probs: torch.Tensor) -> float:
+    """Pearson goodness-of-fit p-value of integer ``samples`` against ``probs``.  # probs [V]"""
+    counts = Counter(samples)
+    n = len(samples)
+    expected = (probs * n).tolist()
+    assert min(expected) >= 5.0, "too few draws for the chi-square approximation"
+    stat = sum((counts.get(v, 0) - e) ** 2 / e for v, e in enumerate(expected))
+    return chi2_sf(stat, len(expected) - 1)

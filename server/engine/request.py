@@ -22,6 +22,7 @@ class SamplingParams:
     draft_tokens: int | None = None    # per-request draft-tree budget (None: server default; 0: no drafting)
     draft_depth: int | None = None     # per-request tree depth / top-k for tree drafters (None: server default)
     draft_top_k: int | None = None
+    task: str | None = None            # SWIFT: the task key whose skip set drafts (None: the server's default)
 
     @property
     def greedy(self) -> bool:

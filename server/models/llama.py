@@ -7,6 +7,7 @@ on load; q/k/v and gate/up projections are fused for speed.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -115,9 +116,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, kv, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, kv, meta, backend, skip_attn: bool = False, skip_mlp: bool = False):
+        """A skipped sub-layer passes the residual through (and a skipped attention writes no KV)."""
+        if not skip_attn:
+            x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
+        if not skip_mlp:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
 
 
 class LlamaModel(nn.Module):
@@ -136,13 +141,15 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, skip_attn: Collection[int] = (),
+                skip_mlp: Collection[int] = ()) -> torch.Tensor:
         """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]``; ``meta`` was built by
-        ``backend`` (the runner's choice for its device)."""
+        ``backend`` (the runner's choice for its device). ``skip_attn``/``skip_mlp``: layers whose attention /
+        MLP sub-layer is skipped (SWIFT's self-speculative drafting; empty for the target itself)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta, backend)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            x = layer(x, rope, kv, meta, backend, i in skip_attn, i in skip_mlp)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,13 @@ accepted path's KV is then compacted into contiguous slots.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from drafters.accept import AcceptResult, greedy_accept, sample_accept
-from drafters.base import AcceptUpdate, Drafter, DraftRequest
+from drafters.base import AcceptUpdate, Drafter, DraftRequest, TargetAccess
 from drafters.tree import DraftTree
 from kernels import SeqAttention, get_backend, slots_for
 from server.cache.kv_manager import KVManager
@@ -47,6 +49,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(c.num_hidden_layers)]
+        if drafter is not None:
+            drafter.bind(TargetAccess(model, self.forward_skipping, kv.block_table, self.scratch_blocks,
+                                      kv.block_size, self.device))
         self.generators: dict[str, torch.Generator] = {}
         self._rng_states: dict[str, torch.Tensor] = {}   # sampled requests' generator states before the last execute
         log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,
@@ -72,12 +77,30 @@ class ModelRunner:
         return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                           self.kv_caches, meta, self.backend)
 
+    def forward_skipping(self, ids: list[int], positions: list[int], seqs: list[SeqAttention],
+                         skip_attn: Collection[int] = (), skip_mlp: Collection[int] = ()) -> torch.Tensor:
+        """An eager forward with sub-layers skipped (self-speculative drafting): hidden ``[T, hidden]``."""
+        meta = self.backend.build_metadata(seqs)
+        return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                          self.kv_caches, meta, self.backend, skip_attn, skip_mlp)
+
+    @contextmanager
+    def scratch_blocks(self, n: int) -> Iterator[list[int] | None]:
+        """Lend ``n`` free KV blocks for the duration of the block (``None`` when the pool cannot spare them)."""
+        pool = self.kv.pool
+        blocks = pool.allocate(n) if pool.can_allocate(n) else None
+        try:
+            yield blocks
+        finally:
+            if blocks:
+                pool.free(blocks)
+
     def _trees(self, sched: SchedulerOutput) -> dict[str, DraftTree]:
         decode = [s for s in sched.scheduled if not s.is_prefill and s.num_lookahead > 0]
         if self.drafter is None or not decode:
             return {}
-        asks = [DraftRequest(s.request.request_id, s.request.token_ids, s.request.params, s.num_lookahead)
-                for s in decode]
+        asks = [DraftRequest(s.request.request_id, s.request.token_ids, s.request.params, s.num_lookahead,
+                             s.request.num_prompt_tokens) for s in decode]
         return {a.request_id: t for a, t in zip(asks, self.drafter.propose(asks))}
 
     @torch.inference_mode()
@@ -153,7 +176,7 @@ class ModelRunner:
     def _accept(tree: DraftTree, logits: torch.Tensor, params, gen: torch.Generator) -> AcceptResult:
         if params.greedy:
             return greedy_accept(tree, logits.argmax(-1))
-        return sample_accept(tree, processed_probs(logits, params), gen)
+        return sample_accept(tree, processed_probs(logits, params), gen, tree.draft_probs)
 
     def _compact(self, rid: str, start: int, result: AcceptResult) -> None:
         """Move accepted nodes' KV from their tree slots to contiguous slots after the root."""

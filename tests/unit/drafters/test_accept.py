@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import chi2_pvalue, chi2_sf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from drafters.accept import AcceptResult, _accept_topk, greedy_accept, sample_accept
@@ -81,50 +82,6 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
             patch.setattr(torch.Tensor, name, counted(name))
         with _SyncingOps(reads):
             yield reads
-
-
-def chi2_sf(stat: float, dof: int) -> float:
-    """Chi-square survival function ``Q(dof/2, stat/2)`` (regularized upper incomplete gamma)."""
-    a, x = dof / 2.0, stat / 2.0
-    if x <= 0.0:
-        return 1.0
-    log_prefix = -x + a * math.log(x) - math.lgamma(a)
-    if x < a + 1.0:
-        term = total = 1.0 / a
-        ap = a
-        for _ in range(10_000):
-            ap += 1.0
-            term *= x / ap
-            total += term
-            if abs(term) < abs(total) * 1e-15:
-                break
-        return max(0.0, 1.0 - total * math.exp(log_prefix))
-    tiny = 1e-300
-    b = x + 1.0 - a
-    c, d = 1.0 / tiny, 1.0 / b
-    h = d
-    for i in range(1, 10_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return math.exp(log_prefix) * h
-
-
-def chi2_pvalue(samples: list[int], probs: torch.Tensor) -> float:
-    """Pearson goodness-of-fit p-value of integer ``samples`` against ``probs``.  # probs [V]"""
-    counts = Counter(samples)
-    n = len(samples)
-    expected = (probs * n).tolist()
-    assert min(expected) >= 5.0, "too few draws for the chi-square approximation"
-    stat = sum((counts.get(v, 0) - e) ** 2 / e for v, e in enumerate(expected))
-    return chi2_sf(stat, len(expected) - 1)
 
 
 def test_chi2_sf_known_values() -> None:

@@ -114,7 +114,7 @@ def smollm2_reference(default_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["auto", "eagle", "gumiho", "hybrid"])
+@pytest.mark.parametrize("drafter", ["auto", "eagle", "gumiho", "hybrid", "swift"])
 def test_smollm2_greedy_equals_transformers_batch1_and_batched(default_model_dir, smollm2_reference, drafter):
     """The default configuration (``auto``: whatever calibration picks here) and the shipped drafters
     forced on (no calibration) all reproduce transformers' greedy output, alone and 8 at once."""
