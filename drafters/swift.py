@@ -114,6 +114,7 @@ class SwiftDrafter(Drafter):
         path = Path(self.config.skip_sets) if self.config.skip_sets else None
         self.store = (SearchStore.load(path, self.config.search, num_layers=num_layers, default_key=default_task)
                       if path and path.is_file() else SearchStore(num_layers, self.config.search, default_task))
+        self.store.get(default_task)               # the default task always has its search
         self.target: TargetAccess | None = None
         self.generators: dict[str, torch.Generator] = {}
 
@@ -121,7 +122,12 @@ class SwiftDrafter(Drafter):
         self.target = target
 
     def task_of(self, ask: DraftRequest) -> str:
-        return ask.params.task or self.default_task
+        """The request's task key; a new key beyond ``max_tasks`` searches nothing and drafts as the default."""
+        key = ask.params.task or self.default_task
+        if key not in self.store and len(self.store) >= self.config.max_tasks:
+            return self.default_task
+        self.store.get(key)
+        return key
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:

@@ -21,4 +21,6 @@ class SwiftConfig(BaseModel):
                                              "or initial set)")
     skip_sets: str | None = Field(None, description="JSON file of skip sets per task key: loaded at start-up "
                                                     "if present, written whenever a task's search finishes")
+    max_tasks: int = Field(64, ge=1, description="Most task keys with their own search (requests naming more "
+                                                 "draft with the default task's set)")
     search: SearchConfig = Field(default_factory=SearchConfig)

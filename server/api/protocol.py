@@ -47,6 +47,9 @@ class SpeculationOptions(BaseModel):
                                            description="draft nodes per step; 0 disables drafting")
     depth: StrictInt | None = Field(None, ge=1, le=32, description="tree drafters: expansion depth")
     top_k: StrictInt | None = Field(None, ge=1, le=64, description="tree drafters: children per node")
+    task: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                             description="swift drafter: the task key whose skip set drafts and is searched "
+                                         "(default: one per served model)")
 
 
 class SamplingRequest(BaseModel):

@@ -139,7 +139,11 @@ class ServingState:
             if value is not None and (server_max is None or value > server_max):
                 bound = f"<= {server_max} (the server's {flag})" if server_max else "unset (this drafter has no trees)"
                 raise APIError(400, f"speculation.{name} must be {bound}", param=f"speculation.{name}")
-        return {"draft_tokens": opts.total_tokens, "draft_depth": opts.depth, "draft_top_k": opts.top_k}
+        if opts.task is not None and (drafter is None or drafter.name != "swift"):
+            raise APIError(400, "speculation.task names a skip-set task of the swift drafter; this server runs "
+                                f"{drafter.name if drafter else 'no drafter'}", param="speculation.task")
+        return {"draft_tokens": opts.total_tokens, "draft_depth": opts.depth, "draft_top_k": opts.top_k,
+                "task": opts.task}
 
 
 async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job], timeout: float | None = None

@@ -72,3 +72,14 @@ def test_openapi_documents_the_statuses_sent_and_no_422(server):
     assert set(detail["properties"]) == {"message", "type", "param", "code"}
     assert "401" in schema["paths"]["/v1/models"]["get"]["responses"]
     assert "503" in schema["paths"]["/health"]["get"]["responses"]
+
+
+@pytest.mark.parametrize("task", ["", "a b", "x" * 65, 3])
+def test_a_malformed_speculation_task_is_400(server, task):
+    r = server.post(chat(speculation={"task": task}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculation.task", r.text
+
+
+def test_a_speculation_task_needs_the_swift_drafter(server):
+    r = server.post(chat(speculation={"task": "code"}))
+    assert r.status_code == 400 and "swift" in r.json()["error"]["message"], r.text

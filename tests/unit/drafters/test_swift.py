@@ -107,3 +107,15 @@ def test_a_loaded_finished_search_drafts_with_its_set_and_searches_no_more(tmp_p
     hf, target = deep_pair
     assert_drafter_lossless(hf, target, loaded, 2, seed=9, max_tokens=16)
     assert loaded.store.get("tiny").iteration == 0
+
+
+def test_requests_search_per_task_key_up_to_max_tasks(deep_pair):
+    _, target = deep_pair
+    drafter = SwiftDrafter(LAYERS, 8, "tiny", SwiftConfig(max_tasks=2, search=SearchConfig(context_window=4)))
+    engine = tiny_engine(target, num_blocks=128, drafter=drafter)
+    for i, task in enumerate(["code", "chat", None]):
+        engine.add_request(f"r{i}", [5 + i, 20, 30, 40], SamplingParams(max_tokens=16, temperature=0.0, task=task))
+    while engine.has_unfinished():
+        engine.step()
+    assert sorted(drafter.store.keys()) == ["code", "tiny"]          # "chat" would be a third: falls back
+    assert drafter.store.get("code").history and drafter.store.get("tiny").history
