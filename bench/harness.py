@@ -127,6 +127,9 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
         baseline, base_wall = run_engine(plain, prompts, args.max_new_tokens, args.concurrency, "plain decoding")
         report["baseline"] = method_results(baseline, base_wall, None)
     report["results"] = method_results(rows, wall, baseline)
+    drafter_report = engine.runner.drafter.bench_report() if engine.runner.drafter else None
+    if drafter_report:
+        report["drafter_report"] = drafter_report
     report["accepted_length_histogram"] = accepted_length_histogram(rows)
     if not args.no_hf:
         model = hf_model(cfg)

@@ -91,3 +91,28 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    tasks = (report.get("drafter_report") or {}).get("tasks")
+    if tasks:
+        plot_matchness(tasks, path.with_name(path.stem + "_matchness.png"))
+
+
+def plot_matchness(tasks: dict, path: Path) -> None:
+    """SWIFT's layer search: each candidate's matchness and the best so far, per task, over iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (key, task) in enumerate(tasks.items()):
+        its, scores, best = zip(*task["history"]) if task["history"] else ((), (), ())
+        ax.scatter(its, scores, s=8, alpha=0.4, color=f"C{i}")
+        ax.step(its, best, where="post", color=f"C{i}",
+                label=f"{key}: best {task['best_matchness']:.2f}, skipping {task['skip_ratio']:.0%}")
+    ax.set(xlabel="search iteration (one per decoding step)", ylabel="matchness",
+           title="SWIFT layer-set search: candidates (dots) and the set in force (line)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

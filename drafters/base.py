@@ -77,6 +77,10 @@ class Drafter(ABC):
         (a request cannot make everyone's step slower); ``None``: the drafter has no such knobs."""
         return None
 
+    def bench_report(self) -> dict | None:
+        """Drafter-specific figures for the benchmark report (default: none)."""
+        return None
+
     def bind(self, target: TargetAccess) -> None:
         """Called once by the runner; only self-speculative drafters use the target (default: ignore)."""
 

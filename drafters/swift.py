@@ -32,6 +32,7 @@ from drafters.swift_config import SwiftConfig
 from drafters.swift_search import SearchStore, SkipSet, matchness
 from drafters.tree import DraftTree
 from kernels.metadata import SeqAttention
+from server.worker.device import now
 from server.worker.sampling import new_generator, processed_probs
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class SwiftDrafter(Drafter):
         self.store.get(default_task)               # the default task always has its search
         self.target: TargetAccess | None = None
         self.generators: dict[str, torch.Generator] = {}
+        self.seconds = {"optimise": 0.0, "draft": 0.0}
 
     def bind(self, target: TargetAccess) -> None:
         self.target = target
@@ -139,11 +141,26 @@ class SwiftDrafter(Drafter):
         trees: list[DraftTree | None] = [None] * len(requests)
         for task, members in groups.items():
             search = self.store.get(task)
+            t0 = now(self.target.device)
             if self.config.optimise and not search.done:
                 self.optimise(task, [requests[i] for i in members])
+            t1 = now(self.target.device)
             for i, tree in zip(members, self.draft([requests[i] for i in members], search.best)):
                 trees[i] = tree
+            self.seconds["optimise"] += t1 - t0
+            self.seconds["draft"] += now(self.target.device) - t1
         return trees
+
+    def bench_report(self) -> dict:
+        """Per task: the skip set in force, its share of skipped sub-layers, the search's progress and
+        matchness history; and the seconds spent searching vs drafting (for the benchmark)."""
+        tasks = {}
+        for key in self.store.keys():
+            s = self.store.get(key)
+            tasks[key] = {"skip": s.best.to_json(), "skip_ratio": s.best.ratio, "best_matchness": s.best_score,
+                          "iterations": s.iteration, "done": s.done, "stop_reason": s.stop_reason,
+                          "history": s.history}
+        return {"tasks": tasks, "seconds": dict(self.seconds)}
 
     def draft(self, asks: list[DraftRequest], skip: SkipSet) -> list[DraftTree]:
         """The dynamic trees of ``asks``, one batched forward of the skipped target per depth."""
