@@ -57,3 +57,23 @@ def test_hardening_defaults():
             cfg.protect_metrics) == (8 << 20, 256, None, 30.0, False)
     cfg = parse("--request-timeout", "2.5", "--protect-metrics", "true", "--max-waiting-requests", "0")
     assert (cfg.request_timeout, cfg.protect_metrics, cfg.max_waiting_requests) == (2.5, True, 0)
+
+
+def test_drafter_option_groups_come_from_the_preset_not_flags(tmp_path):
+    preset = tmp_path / "swift.yaml"
+    preset.write_text("drafter: swift\nswift:\n  stop_threshold: 0.7\n  search:\n    context_window: 16\n")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert not any(a.dest == "swift" for a in parser._actions)
+    cfg = config_from_args(parser.parse_args(["--config", str(preset)]))
+    assert cfg.swift.stop_threshold == 0.7 and cfg.swift.search.context_window == 16
+    preset.write_text("swift:\n  search:\n    window: 16\n")
+    with pytest.raises(ValidationError):
+        config_from_args(parser.parse_args(["--config", str(preset)]))
+
+
+def test_step_budgets_follow_the_device():
+    cpu, cuda = ServerConfig(), ServerConfig(device="cuda")
+    assert (cpu.step_token_budget, cpu.prefill_attention_budget) == (256, 1 << 19)
+    assert (cuda.step_token_budget, cuda.prefill_attention_budget) == (8192, 0)
+    assert ServerConfig(max_num_batched_tokens=64, max_prefill_attention=0).step_token_budget == 64
