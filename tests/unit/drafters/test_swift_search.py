@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_matchness_alignment():
 
 
 def test_search_improves_on_the_initial_set_and_never_regresses():
-    cfg = SearchConfig(max_opt_iter=150, max_tolerance=150, max_score=1.0, bayes_interval=25)
+    cfg = SearchConfig(max_opt_iter=150, max_tolerance=150, max_score=1.0, bayes_interval=25, bayes_starts=3)
     search = LayerSearch(L, cfg)
     score = hidden_good_score(GOOD, search.num_skip)
     initial_score = score(search.best)
@@ -150,7 +151,7 @@ def test_search_improves_on_the_initial_set_and_never_regresses():
     iterations = [i for i, _, _ in search.history]
     assert iterations == list(range(151))
     bests = [b for _, _, b in search.history]
-    assert all(b1 >= b0 for b0, b1 in zip(bests, bests[1:]))
+    assert all(b1 >= b0 for b0, b1 in itertools.pairwise(bests))
     assert bests[-1] == max(s for _, s, _ in search.history)
 
 
@@ -170,7 +171,7 @@ def test_accept_or_revert_and_tolerance_reset():
 
 def test_propose_is_deterministic_given_the_seed():
     def run(seed):
-        search = LayerSearch(L, SearchConfig(seed=seed, bayes_interval=4, max_score=1.0))
+        search = LayerSearch(L, SearchConfig(seed=seed, bayes_interval=4, max_score=1.0, bayes_starts=2))
         score = hidden_good_score(GOOD, search.num_skip)
         for _ in range(9):
             search.step(score)
@@ -182,7 +183,7 @@ def test_propose_is_deterministic_given_the_seed():
 
 def test_bayes_suggestion_on_every_bayes_interval_th_proposal(monkeypatch):
     interval = 5
-    search = LayerSearch(L, SearchConfig(bayes_interval=interval, max_score=1.0))
+    search = LayerSearch(L, SearchConfig(bayes_interval=interval, max_score=1.0, bayes_starts=2))
     optimizer = search._optimizer
     real_suggest = optimizer.suggest
     bayes_at, points = [], []
@@ -205,6 +206,23 @@ def test_bayes_suggestion_on_every_bayes_interval_th_proposal(monkeypatch):
         assert proposals[it] == SkipSet.from_top(L, point, search.num_skip)
     assert all(p.num_skipped == search.num_skip for p in proposals)
     assert len(optimizer) == len(set(proposals))              # every distinct point registered once
+
+
+@pytest.mark.parametrize("starts", [0, 2])
+def test_bayes_starts_reach_the_acquisition_maximiser(monkeypatch, starts):
+    search = LayerSearch(L, SearchConfig(bayes_interval=2, bayes_starts=starts))
+    acquisition = search._optimizer._optimizer.acquisition_function
+    seen = []
+    real = acquisition._acq_min
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["n_smart"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acquisition, "_acq_min", spy)
+    search.step(lambda c: 0.3)
+    search.step(lambda c: 0.5)                                # the BO's turn: fits and maximises UCB
+    assert seen == [starts] and search.best_score == 0.5
 
 
 def test_duplicate_candidates_are_not_registered_twice():
