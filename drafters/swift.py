@@ -22,6 +22,7 @@ committed KV is never touched (``TargetAccess``).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,8 @@ class SwiftDrafter(Drafter):
         self.target: TargetAccess | None = None
         self.generators: dict[str, torch.Generator] = {}
         self.seconds = {"optimise": 0.0, "draft": 0.0}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swift-search")
+        self.pending: dict[str, Future] = {}
 
     def bind(self, target: TargetAccess) -> None:
         self.target = target
@@ -155,7 +158,8 @@ class SwiftDrafter(Drafter):
         """Per task: the skip set in force, its share of skipped sub-layers, the search's progress and
         matchness history; and the seconds spent searching vs drafting (for the benchmark)."""
         tasks = {}
-        for key in self.store.keys():
+        keys = self.store.keys()
+        for key in keys:
             s = self.store.get(key)
             tasks[key] = {"skip": s.best.to_json(), "skip_ratio": s.best.ratio, "best_matchness": s.best_score,
                           "iterations": s.iteration, "done": s.done, "stop_reason": s.stop_reason,
@@ -184,7 +188,9 @@ class SwiftDrafter(Drafter):
         if ask is None:
             return
         search = self.store.get(task)
-        candidate = search.propose() if search.history else search.best     # first: the initial set's baseline
+        candidate = self._candidate(task, search)
+        if candidate is None:
+            return
         score = self.matchness(ask, candidate, window)
         if score is None:
             return
@@ -195,6 +201,24 @@ class SwiftDrafter(Drafter):
                      len(search.best.mlp))
             if self.config.skip_sets:
                 self.store.save(Path(self.config.skip_sets))
+
+    def _candidate(self, task: str, search) -> SkipSet | None:
+        """The next set to score: the initial set first (the baseline), then the search's proposals. A
+        Bayesian-optimisation proposal (seconds of GP fitting) is computed in a worker thread while the
+        engine keeps drafting with the set in force: None until it is ready. The engine thread leaves the
+        task's search alone meanwhile."""
+        pending = self.pending.get(task)
+        if pending is not None:
+            if not pending.done():
+                return None
+            del self.pending[task]
+            return pending.result()
+        if not search.history:
+            return search.best
+        if search.is_bayes_turn():
+            self.pending[task] = self.worker.submit(search.propose)
+            return None
+        return search.propose()
 
     @torch.inference_mode()
     def matchness(self, ask: DraftRequest, skip: SkipSet, window: int) -> float | None:

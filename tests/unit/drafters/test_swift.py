@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_drafter_lossless, chi2_pvalue, hf_model_from, native_from, tiny_engine, tiny_hf_config
+from helpers import (
+    assert_drafter_lossless,
+    chi2_pvalue,
+    hf_model_from,
+    native_from,
+    tiny_engine,
+    tiny_hf_config,
+)
 
 from drafters.accept import sample_accept
 from drafters.base import DraftRequest
@@ -119,3 +126,29 @@ def test_requests_search_per_task_key_up_to_max_tasks(deep_pair):
         engine.step()
     assert sorted(drafter.store.keys()) == ["code", "tiny"]          # "chat" would be a third: falls back
     assert drafter.store.get("code").history and drafter.store.get("tiny").history
+
+
+def test_a_slow_bayesian_proposal_never_stalls_drafting(deep_pair):
+    """The GP/UCB proposal runs in a worker thread: steps go on with the set in force until it is ready."""
+    import threading
+
+    _, target = deep_pair
+    drafter = swift(bayes_interval=2)
+    search = drafter.store.get("tiny")
+    release, calls = threading.Event(), []
+    plain_propose = search.propose
+
+    def propose():
+        if threading.current_thread().name.startswith("swift-search"):
+            calls.append(search.iteration)
+            assert release.wait(30)
+        return plain_propose()
+
+    search.propose = propose
+    engine = tiny_engine(target, num_blocks=128, drafter=drafter)
+    engine.add_request("r", [5, 20, 30, 40], SamplingParams(max_tokens=30, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    assert calls and "tiny" in drafter.pending and not drafter.pending["tiny"].done()   # finished while blocked
+    release.set()
+    drafter.pending["tiny"].result(timeout=30)
