@@ -68,10 +68,11 @@ def report():
     data = {
         "suite": "tests/faults (make test-faults)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TREESPEC_FAULTS_"))
-                   + " " + " ".join([os.path.basename(sys.executable), "-m", "pytest", *sys.argv[1:]]),
+        "command": " ".join([*(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TREESPEC_FAULTS_")),
+                             "python", "-m", "pytest", *sys.argv[1:]]),
         "machine": {"node": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "load_average_at_start": os.getloadavg()[0], "python": platform.python_version(),
+                    "torch": torch.__version__},
         "config": dataclasses.asdict(CFG),
         "durations_s": {},
     }
