@@ -154,10 +154,13 @@ class Scheduler:
     def lookahead_for(self, req: Request, budget: int) -> int:
         """Draft slots worth reserving: the step's ``budget`` unless the request names its own (at most
         ``num_lookahead_slots`` either way); none past the context window or beyond the remaining
-        max_tokens."""
+        max_tokens. A seeded sampled request drafts only when it names its own budget: its output must be
+        the same alone and under any load, and the tree (hence the random draws) would follow the load."""
         remaining = req.params.max_tokens - req.num_output_tokens - 1
         room = self.config.max_model_len - len(req.token_ids)
         wanted = req.params.draft_tokens if req.params.draft_tokens is not None else budget
+        if req.params.draft_tokens is None and req.params.seed is not None and not req.params.greedy:
+            wanted = 0      # a seeded sample must not depend on the load: its draft tree would
         return max(0, min(self.config.num_lookahead_slots, wanted, remaining, room))
 
     def _preempt(self, req: Request) -> None:

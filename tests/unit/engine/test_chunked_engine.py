@@ -59,3 +59,28 @@ def test_drafters_stay_lossless_with_chunked_prompts(tiny_eagle, kind):
     drafter = {"lookup": LookupDrafter(max_tree_tokens=8), "eagle": eagle,
                "hybrid": HybridDrafter(eagle, HybridConfig())}[kind]
     assert_drafter_lossless(hf, target, drafter, batch=4, seed=5, max_num_batched_tokens=6)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_under_load(tiny_pair):
+    """Seeded sampled requests do not draft (unless they ask to): the load-dependent tree would change
+    which random draws they use. Under a budget that changes with the batch size, the output alone equals
+    the output beside greedy requests."""
+    from server.engine.budget import BudgetPolicy
+
+    _, target = tiny_pair
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, seed=42)
+    prompt = random_prompts(1, seed=3, min_len=8, max_len=9)[0]
+    outputs = []
+    for others in (0, 5):
+        engine = tiny_engine(target, num_blocks=256, drafter=LookupDrafter(max_tree_tokens=8),
+                             budget_policy=BudgetPolicy((8, 6, 4, 2, 0, 0, 0, 0)))
+        engine.add_request("seeded", prompt, seeded)
+        for i in range(others):
+            engine.add_request(f"g{i}", prompt[i:] + prompt[:i], SamplingParams(max_tokens=20, temperature=0.0))
+        got = []
+        while engine.has_unfinished():
+            for o in engine.step()[0]:
+                if o.request_id == "seeded":
+                    got.extend(o.token_ids)
+        outputs.append(got)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 20
