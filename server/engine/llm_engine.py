@@ -92,9 +92,9 @@ class LLMEngine:
                     continue
                 if s.first_chunk and req.num_preemptions == 0:   # prompt tokens the prefix cache served
                     prompt_tokens += req.num_cached_tokens
-                start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-                prompt_tokens += max(0, min(end, req.num_prompt_tokens) - max(start, req.max_computed_tokens))
-                recomputed += max(0, min(end, req.max_computed_tokens) - start)
+                lo, hi = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens   # positions fed
+                prompt_tokens += max(0, min(hi, req.num_prompt_tokens) - max(lo, req.max_computed_tokens))
+                recomputed += max(0, min(hi, req.max_computed_tokens) - lo)
                 if s.partial:
                     self.scheduler.advance(s)
                     continue

@@ -3,6 +3,8 @@ nothing, prompt tokens are counted once (recomputation after a preemption is cou
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from helpers import assert_drafter_lossless, random_prompts, reference_greedy, tiny_engine
 
@@ -19,7 +21,9 @@ def run(engine, prompts, max_tokens):
         engine.add_request(f"r{i}", p, params)
     got, stats = {f"r{i}": [] for i in range(len(prompts))}, []
     while engine.has_unfinished():
+        t0 = time.monotonic()
         outputs, step = engine.step()
+        assert 0 <= step.step_time <= time.monotonic() - t0
         stats.append(step)
         for o in outputs:
             assert o.token_ids or o.finished, "a step without tokens produced an output"
