@@ -92,7 +92,7 @@ def test_swift_sampled_tree_is_verified_exactly_with_its_q():
 def test_sampled_swift_runs_and_keeps_the_pool_clean(deep_pair):
     _, target = deep_pair
     engine = tiny_engine(target, num_blocks=128, drafter=swift())
-    params = SamplingParams(max_tokens=20, temperature=0.8, seed=7)
+    params = SamplingParams(max_tokens=20, temperature=0.8, seed=7, draft_tokens=10)   # seeded: drafts if asked
     for i in range(3):
         engine.add_request(f"r{i}", [3 + i, 40, 50, 60, 70], params)
     drafted = 0
