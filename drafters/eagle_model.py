@@ -10,7 +10,7 @@ belong to the target: they are passed in, frozen, and never saved with the draft
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +21,26 @@ from torch import nn
 
 from drafters.draft_kv import KV, ConcatKV, KVStore, Slots
 from kernels.linear import Linear, linear
-from server.models.llama import MLP, LlamaConfig, RMSNorm
-from server.models.rope import RotaryEmbedding, apply_rotary
+from server.models.llama import Attention, DecoderLayer, LlamaConfig
+from server.models.rope import RotaryEmbedding
 
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 
 
 @dataclass
-class EagleConfig:
-    """Drafter dimensions: the target's Llama dims plus EAGLE's ``bias`` (of ``fc``)."""
+class EagleConfig(LlamaConfig):
+    """The drafter's dims: a ``LlamaConfig`` (the target's, with the drafter's layer count; q/k/v without bias)
+    plus EAGLE's ``bias`` of ``fc``."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    max_position_embeddings: int = 2048
     bias: bool = True
-    num_hidden_layers: int = 1
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], **overrides: Any) -> EagleConfig:
         """From an EAGLE ``config.json`` (or the target's HF Llama config plus ``overrides``)."""
         base = LlamaConfig.from_hf({"num_hidden_layers": 1, **cfg})
-        values = {f.name: getattr(base, f.name) for f in fields(cls) if hasattr(base, f.name)}
-        values["bias"] = cfg.get("bias", True)
+        values = {f.name: getattr(base, f.name) for f in fields(LlamaConfig)}
+        values.update(attention_bias=bool(cfg.get("attention_bias", False)), bias=cfg.get("bias", True))
         values.update(overrides)
         return cls(**values)
 
@@ -61,64 +51,37 @@ class EagleConfig:
         return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias)
 
     def to_dict(self) -> dict[str, Any]:
-        """EAGLE ``config.json`` layout: a Llama config of the target's dims plus ``"bias"``."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                **asdict(self)}
-
-    def llama(self) -> LlamaConfig:
-        """The same dims as a ``LlamaConfig`` (to build the shared ``MLP``)."""
-        return LlamaConfig(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-                           self.num_attention_heads, self.num_key_value_heads, self.head_dim,
-                           self.rms_norm_eps, self.rope_theta, self.rope_scaling,
-                           self.max_position_embeddings)
+        """EAGLE ``config.json`` layout: a Llama config of the target's dims plus ``"bias"`` (and any fields a
+        subclass adds)."""
+        extra = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in LLAMA_FIELDS}
+        return {**self.to_hf(), **extra}
 
 
-class EagleAttention(nn.Module):
-    """Llama self-attention over the keys a cache returns (``Slots`` or ``ConcatKV``), GQA via SDPA."""
+LLAMA_FIELDS = {f.name for f in fields(LlamaConfig)}
 
-    def __init__(self, cfg: EagleConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        kv_size = self.kv_heads * self.head_dim
-        self.sizes = [self.heads * self.head_dim, kv_size, kv_size]
-        self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=False)
-        self.o_proj = Linear(self.sizes[0], cfg.hidden_size, bias=False)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x [B, T, h, D]`` rotated with tables ``[B * T, 1, D]`` -> ``[B, h, T, D]``."""
-        b, t, h, d = x.shape
-        return apply_rotary(x.reshape(b * t, h, d), *rope).view(b, t, h, d).transpose(1, 2)
+class EagleAttention(Attention):
+    """The Llama attention (same weights) over the keys a drafter cache returns (``Slots`` or ``ConcatKV``),
+    batched ``[B, T, hidden]``, GQA via SDPA; ``index`` names the layer's heads in the cache."""
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVStore, layer: int,
+    def __init__(self, cfg: EagleConfig, index: int):
+        super().__init__(cfg)
+        self.index = index
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVStore,
                 mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = self._rotate(q.view(b, t, self.heads, self.head_dim), rope)            # [B, H, T, D]
-        k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim), rope)         # [B, Hkv, T, D]
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)             # [B, Hkv, T, D]
-        k, v = cache.store(layer, k, v)                                            # [B, Hkv, L, D]
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2)
+                   for y in self.project(x.reshape(b * t, -1), rope))              # [B, H|Hkv, T, D]
+        k, v = cache.store(self.index, k, v)                                       # [B, Hkv, L, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=True)                      # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class EagleLayer(nn.Module):
-    """Llama decoder layer; the first one (``index == 0``) has no input RMSNorm."""
-
-    def __init__(self, cfg: EagleConfig, index: int):
-        super().__init__()
-        self.index = index
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if index else nn.Identity()
-        self.self_attn = EagleAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.llama())
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVStore,
-                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, self.index, mask, causal)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def eagle_layer(cfg: EagleConfig, index: int) -> DecoderLayer:
+    """A Llama decoder layer over a drafter cache; the first one (``index == 0``) has no input RMSNorm."""
+    return DecoderLayer(cfg, EagleAttention(cfg, index), input_norm=index > 0)
 
 
 def causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
@@ -140,7 +103,7 @@ class EagleDrafter(nn.Module):
         self.config = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
-        self.layers = nn.ModuleList(EagleLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(eagle_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)   # [V, H]
         ids = None if head_token_ids is None else head_token_ids.long()
         self.register_buffer("head_token_ids", ids, persistent=False)                  # [K] or None

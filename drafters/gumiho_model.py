@@ -30,9 +30,9 @@ from kernels.linear import Linear
 
 @dataclass
 class GumihoConfig(EagleConfig):
-    """EAGLE drafter dims (2 serial layers by default) plus the parallel heads' shape."""
+    """EAGLE drafter dims (Gumiho's serial head has 2 layers: ``num_hidden_layers``) plus the parallel heads'
+    shape."""
 
-    num_hidden_layers: int = 2
     mlp_num: int = 5
     mlp_res_blocks: int = 5
 

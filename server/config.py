@@ -127,29 +127,76 @@ class ServerConfig(BaseModel):
 
 
 def _flag_type(annotation):
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) is Literal:
+    """``(type, choices)`` of a field's flag, or None for a field no flag sets (tuples, dicts: the preset's)."""
+    origin, args = get_origin(annotation), [a for a in get_args(annotation) if a is not type(None)]
+    if origin is Literal:
         return str, list(get_args(annotation))
-    if args and get_origin(args[0]) is Literal:
-        return str, list(get_args(args[0]))
-    base = args[0] if args else annotation
-    return (base if base in (int, float, str) else str), None
+    base = args[0] if origin is list or (args and origin not in (tuple, dict)) else annotation
+    if get_origin(base) is Literal:
+        return str, list(get_args(base))
+    if base is bool:
+        return _boolean, None
+    return (base, None) if base in (int, float, str) else None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> None:
-    """One ``--flag`` per config field, repeatable for list fields (default None: unset flags keep the preset's
-    value)."""
-    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: configs/default.yaml)")
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _groups(model) -> dict[str, type[BaseModel]]:
+    """Option groups of ``model``: fields that are pydantic models themselves (a drafter's options)."""
+    return {name: f.annotation for name, f in model.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def _add_flags(parser: argparse.ArgumentParser, model, prefix: str = "") -> None:
     for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            continue                      # a drafter's option group: set in the YAML preset
-        typ, choices = _flag_type(field.annotation)
+        if name in _groups(model):
+            _add_flags(parser, field.annotation, f"{prefix}{name}.")
+            continue
+        flag_type = _flag_type(field.annotation)
+        if flag_type is None:
+            continue                      # set in the YAML preset
+        typ, choices = flag_type
         action = "append" if get_origin(field.annotation) is list else "store"
         default = field.get_default(call_default_factory=True)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, choices=choices, default=None,
+        flag = f"--{(prefix + name).replace('_', '-').replace('.', '-')}"
+        parser.add_argument(flag, dest=prefix + name, type=typ, choices=choices, default=None,
                             action=action, help=f"{field.description} (default: {default})")
 
 
+def add_config_flags(parser: argparse.ArgumentParser, model=ServerConfig) -> None:
+    """One ``--flag`` per config field, repeatable for list fields; an option group's fields get
+    ``--<group>-<field>`` (``--gsd-repeat-threshold``). Default None: unset flags keep the preset's value."""
+    parser.add_argument("--config", default=str(DEFAULT_PRESET), help="YAML preset (default: configs/default.yaml)")
+    _add_flags(parser, model)
+
+
+def _overrides(args: argparse.Namespace, model, prefix: str = "") -> dict:
+    out: dict = {}
+    for name, field in model.model_fields.items():
+        if name in _groups(model):
+            nested = _overrides(args, field.annotation, f"{prefix}{name}.")
+            if nested:
+                out[name] = nested
+        elif getattr(args, prefix + name, None) is not None:
+            out[name] = getattr(args, prefix + name)
+    return out
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged
+
+
 def config_from_args(args: argparse.Namespace, model=ServerConfig):
-    overrides = {name: getattr(args, name, None) for name in model.model_fields}
-    return model.from_yaml(args.config, **overrides)
+    """The preset named by ``--config`` with the flags that were given laid over it (option groups merged
+    field by field)."""
+    data = yaml.safe_load(Path(args.config).read_text()) or {}
+    return model(**_merge(data, _overrides(args, model)))

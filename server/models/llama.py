@@ -61,6 +61,17 @@ class LlamaConfig:
             bos_token_id=cfg.get("bos_token_id"),
         )
 
+    def to_hf(self) -> dict:
+        """The Hugging Face ``config.json`` fields ``from_hf`` reads (``from_hf(c.to_hf()) == c``)."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+                "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+                "eos_token_id": list(self.eos_token_ids), "bos_token_id": self.bos_token_id}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -85,13 +96,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [T, hidden]`` -> rotated ``q [T, H, D]``, rotated ``k [T, Hkv, D]`` and ``v [T, Hkv, D]``."""
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)     # [T, H, D]
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)                         # [T, Hkv, D]
+        q, k, v = self.project(x, rope)                                          # [T, H|Hkv, D]
         backend.write_kv(k, v, kv[0], kv[1], meta)
         out = backend.attend(q, kv[0], kv[1], meta, self.scale)                 # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -109,17 +125,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """Pre-norm Llama layer. ``attention`` replaces the paged ``Attention`` (drafters attend over their own
+    caches with the same weights layout); ``input_norm=False`` drops the input RMSNorm (EAGLE's first layer)."""
+
+    def __init__(self, cfg: LlamaConfig, attention: Attention | None = None, input_norm: bool = True):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else nn.Identity()
+        self.self_attn = attention or Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, kv, meta, backend, skip_attn: bool = False, skip_mlp: bool = False):
-        """A skipped sub-layer passes the residual through (and a skipped attention writes no KV)."""
+    def forward(self, x, rope, *attention_args, skip_attn: bool = False, skip_mlp: bool = False):
+        """``attention_args`` go to the attention after ``(x, rope)`` (paged: ``kv, meta, backend``). A skipped
+        sub-layer passes the residual through (and a skipped attention writes no KV)."""
         if not skip_attn:
-            x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
+            x = x + self.self_attn(self.input_layernorm(x), rope, *attention_args)
         if not skip_mlp:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
@@ -149,7 +169,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions, x.dtype)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
-            x = layer(x, rope, kv, meta, backend, i in skip_attn, i in skip_mlp)
+            x = layer(x, rope, kv, meta, backend, skip_attn=i in skip_attn, skip_mlp=i in skip_mlp)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

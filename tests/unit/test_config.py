@@ -59,7 +59,7 @@ def test_hardening_defaults():
     assert (cfg.request_timeout, cfg.protect_metrics, cfg.max_waiting_requests) == (2.5, True, 0)
 
 
-def test_drafter_option_groups_come_from_the_preset_not_flags(tmp_path):
+def test_drafter_option_groups_come_from_the_preset_and_group_flags(tmp_path):
     preset = tmp_path / "swift.yaml"
     preset.write_text("drafter: swift\nswift:\n  stop_threshold: 0.7\n  search:\n    context_window: 16\n")
     parser = argparse.ArgumentParser()
@@ -67,6 +67,15 @@ def test_drafter_option_groups_come_from_the_preset_not_flags(tmp_path):
     assert not any(a.dest == "swift" for a in parser._actions)
     cfg = config_from_args(parser.parse_args(["--config", str(preset)]))
     assert cfg.swift.stop_threshold == 0.7 and cfg.swift.search.context_window == 16
+    cfg = config_from_args(parser.parse_args(["--config", str(preset), "--swift-search-seed", "7",
+                                              "--swift-optimise", "off"]))
+    assert (cfg.swift.stop_threshold, cfg.swift.search.context_window, cfg.swift.search.seed,
+            cfg.swift.optimise) == (0.7, 16, 7, False)          # flags laid over the preset's section field by field
+    assert not any("confidence" in a.dest for a in parser._actions)   # tuples: the preset's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--swift-optimise", "maybe"])
+    with pytest.raises(ValidationError):
+        config_from_args(parser.parse_args(["--swift-stop-threshold", "1.5"]))
     preset.write_text("swift:\n  search:\n    window: 16\n")
     with pytest.raises(ValidationError):
         config_from_args(parser.parse_args(["--config", str(preset)]))
