@@ -6,17 +6,43 @@ one named. The variant ``default`` is the served configuration itself (the prese
 unless set, with start-up calibration and load-aware budgets, exactly what ``make serve`` runs);
 it runs once, not per budget. Tree shape per budget (both drafters): ``top_k = max(4, budget // 8)``; depth is the
 drafter's own default (EAGLE-2 5, Gumiho 6 = 2 serial + 5 MLP tokens); Gumiho's
-``mlptopk = pruning = budget // 2`` (its scripts use 35 at 64). Writes one JSON with a
+``mlptopk = pruning = budget // 2`` (its scripts use 35 at 64). A variant may set options:
+``medusa[medusa.tree=static]``, ``gsd[gsd.repeat_threshold=-1,draft_top_k=2]`` (a drafter's option group
+field or a top-level setting; values read as YAML scalars). Writes one JSON with a
 table (per category and overall: tau, tokens/s, speedup, identical_to_baseline) and a PNG.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import yaml
 
 from bench.report import method_results
 from bench.runner import StepProfile, run_engine
-from server.config import ServerConfig
+from server.config import ServerConfig, merge_options
+
+VARIANT = re.compile(r"([\w-]+)(?:\[(.*)\])?")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"gsd[gsd.repeat_threshold=-1]"`` -> ``("gsd", {"gsd": {"repeat_threshold": -1}})``."""
+    match = VARIANT.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"bad variant {spec!r}: expected NAME or NAME[option=value,...]")
+    name, body = match.groups()
+    options: dict = {}
+    for item in filter(None, (body or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad option {item!r} in {spec!r}: expected option=value")
+        *groups, leaf = key.strip().split(".")
+        node = options
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = yaml.safe_load(value)
+    return name, options
 
 
 def shape_for(budget: int) -> dict:
@@ -50,10 +76,12 @@ def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurre
         measure("default", served, {"drafter": "default", "budget": None,
                                     "shape": {"drafter": served.drafter, "calibrate_tree": served.calibrate_tree}})
     for budget in budgets:
-        for name in (d for d in drafters if d != "default"):
-            update = {"drafter": name, **shape_for(budget)}
-            measure(f"{name}@{budget}", cfg.model_copy(update=update), {"drafter": name, "budget": budget,
-                                                                         "shape": update})
+        for spec in (d for d in drafters if d != "default"):
+            name, options = parse_variant(spec)
+            update = merge_options({"drafter": name, **shape_for(budget)}, options)
+            run_cfg = ServerConfig(**merge_options(cfg.model_dump(), update))
+            measure(f"{spec}@{budget}", run_cfg, {"drafter": name, "variant": spec, "budget": budget,
+                                                  "shape": update})
     return out
 
 

@@ -37,7 +37,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-cost", action="store_true",
                    help="also time target forwards against tree size (1..128 tokens, 256-token context)")
     g.add_argument("--compare", nargs="+", default=None, metavar="DRAFTER",
-                   help="compare these drafters at each --budgets value against plain decoding, one run")
+                   help="compare these drafters at each --budgets value against plain decoding, one run; "
+                        "NAME[option=value,...] sets options, e.g. 'gsd[gsd.repeat_threshold=-1]'")
     g.add_argument("--budgets", nargs="+", type=int, default=[16, 32, 64], help="verify budgets for --compare")
     g.add_argument("--save-acceptance", action="store_true",
                    help="with --compare: write each drafter's tau by budget as acceptance.json beside its checkpoint")
@@ -155,13 +156,17 @@ def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, 
                   served: ServerConfig) -> dict:
     """``--compare``: every drafter at every budget plus plain decoding (and ``default``: the ``served``
     configuration) -> JSON (with a table) and PNG."""
-    from bench.compare import plot_compare, run_compare, table
+    from bench.compare import parse_variant, plot_compare, run_compare, table
     from drafters.registry import DRAFTERS
 
     choices = sorted(set(DRAFTERS) - {"none"} | {"default"})
-    unknown = [d for d in args.compare if d not in choices]
-    if unknown or min(args.budgets) < 1:
-        raise SystemExit(f"--compare takes drafters from {choices} and budgets >= 1")
+    try:
+        names = [parse_variant(d)[0] for d in args.compare]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if any(n not in choices for n in names) or min(args.budgets) < 1:
+        raise SystemExit(f"--compare takes drafters from {choices} (NAME or NAME[option=value,...]) and "
+                         "budgets >= 1")
     report["config"].update(drafter=None, compare=args.compare, budgets=args.budgets)
     report["compare"] = run_compare(engine, cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
                                     args.budgets, args.warmup, served)
@@ -171,7 +176,7 @@ def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, 
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot_compare(report["compare"], out.with_suffix(".png"))
     if args.save_acceptance:
-        for name in (d for d in args.compare if d != "default"):
+        for name in (d for d in args.compare if d != "default" and "[" not in d):   # variants with options: no
             save_acceptance(cfg, name, report, out)
     print("\n".join(report["table"]))
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -186,7 +191,7 @@ def save_acceptance(cfg: ServerConfig, name: str, report: dict, source: Path) ->
     if folder is None or not folder.is_dir():
         print(f"{name}: no checkpoint folder to write acceptance.json to")
         return
-    runs = [v for v in report["compare"]["variants"].values() if v["drafter"] == name]
+    runs = [v for v in report["compare"]["variants"].values() if v.get("variant", name) == name]  # no options
     data = {"tau_by_budget": {str(v["budget"]): round(v["overall"]["tau"], 4) for v in runs},
             "source": str(source), "date": report["date"], "questions": report["config"]["questions"],
             "num_questions": report["config"]["num_questions"], "max_new_tokens": report["config"]["max_new_tokens"],

@@ -188,10 +188,11 @@ def _overrides(args: argparse.Namespace, model, prefix: str = "") -> dict:
     return out
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_options(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it; nested dicts (option groups) merge key by key."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+        merged[key] = merge_options(base.get(key) or {}, value) if isinstance(value, dict) else value
     return merged
 
 
@@ -199,4 +200,4 @@ def config_from_args(args: argparse.Namespace, model=ServerConfig):
     """The preset named by ``--config`` with the flags that were given laid over it (option groups merged
     field by field)."""
     data = yaml.safe_load(Path(args.config).read_text()) or {}
-    return model(**_merge(data, _overrides(args, model)))
+    return model(**merge_options(data, _overrides(args, model)))

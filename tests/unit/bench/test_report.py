@@ -65,3 +65,15 @@ def test_compare_table_and_plot(tmp_path):
                              "calibrate_tree": False}
     plot_compare(json.loads(json.dumps(compare)), tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_variant_specs_set_options():
+    from bench.compare import parse_variant
+
+    assert parse_variant("eagle") == ("eagle", {})
+    assert parse_variant("swift[swift.stop_threshold=0.5,swift.search.seed=3,draft_top_k=2]") == (
+        "swift", {"swift": {"stop_threshold": 0.5, "search": {"seed": 3}}, "draft_top_k": 2})
+    assert parse_variant("draft-model[swift.optimise=false]")[1] == {"swift": {"optimise": False}}
+    for bad in ("eagle[", "eagle[top_k]", "eagle[=3]", "two words"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
