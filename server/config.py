@@ -10,6 +10,7 @@ from typing import Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from drafters.gsd_config import GsdConfig
 from drafters.swift_config import SwiftConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ class ServerConfig(BaseModel):
                                 "(default: 524288 on CPU, 0 = unbounded on CUDA)")
     swift: SwiftConfig = Field(default_factory=SwiftConfig, description="SWIFT drafter options (the preset's "
                                                                        "'swift:' section; see README)")
+    gsd: GsdConfig = Field(default_factory=GsdConfig, description="GSD drafter options (the preset's 'gsd:' "
+                                                                 "section)")
     enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "
                                                            "prefixes between requests (automatic prefix caching)")
     drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
