@@ -20,6 +20,7 @@ def _lookup(cfg, target) -> Drafter:
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
                                      "gumiho": CHECKPOINTS / "smollm2-gumiho",
+                                     "medusa": CHECKPOINTS / "smollm2-medusa",
                                      "hybrid": CHECKPOINTS / "smollm2-hybrid"}}  # acceptance.json only (see _hybrid)
 
 
@@ -83,6 +84,16 @@ def _swift(cfg, target) -> Drafter:
     return SwiftDrafter(target.config.num_hidden_layers, cfg.max_draft_tokens, name, cfg.swift)
 
 
+def _medusa(cfg, target) -> Drafter:
+    """Medusa heads (shipped checkpoint or --drafter-path) with the ``medusa`` options' tree."""
+    from drafters.medusa import MedusaDrafter
+
+    path = _checkpoint(cfg, "medusa")
+    drafter = MedusaDrafter.from_checkpoint(path, target.lm_head, cfg.max_draft_tokens, cfg.medusa)
+    drafter.acceptance_profile = load_acceptance_profile(path)
+    return drafter
+
+
 def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
     f = folder / "acceptance.json"
@@ -108,6 +119,7 @@ DRAFTERS: dict[str, Factory] = {
     "gumiho": _gumiho,
     "hybrid": _hybrid,
     "swift": _swift,
+    "medusa": _medusa,
 }
 
 

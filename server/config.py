@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drafters.gsd_config import GsdConfig
+from drafters.medusa_config import MedusaConfig
 from drafters.swift_config import SwiftConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,15 @@ class ServerConfig(BaseModel):
                                                                        "'swift:' section; see README)")
     gsd: GsdConfig = Field(default_factory=GsdConfig, description="GSD drafter options (the preset's 'gsd:' "
                                                                  "section)")
+    medusa: MedusaConfig = Field(default_factory=MedusaConfig, description="Medusa drafter options (the "
+                                                                          "preset's 'medusa:' section)")
     enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "
                                                            "prefixes between requests (automatic prefix caching)")
     drafter: str = Field("auto", description="Speculative drafter: auto (hybrid when the model ships an eagle "
                                              "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
                                              "hybrid (prompt lookup merged into eagle's tree), swift (layer-skip "
-                                             "self-speculation, no checkpoint)")
+                                             "self-speculation, no checkpoint), medusa (parallel heads on the "
+                                             "target's last feature; MEDUSA+ dynamic or static tree)")
     drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
                                                        "shipped drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")

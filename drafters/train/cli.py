@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 TRAINERS: dict[str, str] = {
     "eagle": "drafters.train.cli:train_eagle_from_args",
     "gumiho": "drafters.train.cli:train_gumiho_from_args",
+    "medusa": "drafters.train.medusa:train_medusa_from_args",
 }
 
 
@@ -54,6 +55,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-res-blocks", type=int, default=5, help="residual blocks per MLP head")
     g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the saved checkpoint weights")
+    g = parser.add_argument_group("medusa")
+    g.add_argument("--medusa-heads", type=int, default=4, help="heads (head i drafts the token i + 1 after the root)")
+    g.add_argument("--medusa-layers", type=int, default=1, help="residual blocks per head")
+    g.add_argument("--medusa-head", choices=["frozen", "trained"], default="frozen",
+                   help="vocabulary head: the target's LM head, frozen and not saved, or a trained Linear per head "
+                        "(over the --head-vocab most frequent tokens when given)")
+    g.add_argument("--medusa-decay", type=float, default=0.8, help="head i's loss weight is decay ** i")
 
 
 def target_head(model_dir: str | Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
