@@ -22,7 +22,7 @@ from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.draft_kv import DraftKV, KVBatch, Slots
 from drafters.eagle_model import EagleDrafter
 from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder
-from drafters.tree import DraftTree, rerank
+from drafters.tree import DraftTree
 
 
 @dataclass
@@ -144,5 +144,4 @@ class EagleTreeDrafter(Drafter):
 
     def trees(self, pool: Pool, budgets: list[int]) -> list[DraftTree]:
         """One host transfer of the whole pool, then each request's rerank to its budget."""
-        host = torch.stack([pool.tokens.double(), pool.parents.double(), pool.scores.double()], 1).cpu().numpy()
-        return [rerank(h[0], h[1], h[2], budget) for h, budget in zip(host, budgets)]
+        return pool.trees(budgets)

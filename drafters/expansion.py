@@ -24,6 +24,7 @@ import torch
 
 from drafters.draft_kv import KVBatch, Slots
 from drafters.eagle_model import EagleDrafter
+from drafters.tree import DraftTree, rerank
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,11 @@ class Pool:
     tokens: torch.Tensor
     parents: torch.Tensor
     scores: torch.Tensor
+
+    def trees(self, budgets: list[int]) -> list[DraftTree]:
+        """One host transfer of the whole pool, then each request's rerank to its budget."""
+        host = torch.stack([self.tokens.double(), self.parents.double(), self.scores.double()], 1).cpu().numpy()
+        return [rerank(h[0], h[1], h[2], budget) for h, budget in zip(host, budgets)]
 
 
 class PoolBuilder:

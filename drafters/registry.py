@@ -21,6 +21,7 @@ CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
                                      "gumiho": CHECKPOINTS / "smollm2-gumiho",
                                      "medusa": CHECKPOINTS / "smollm2-medusa",
+                                     "draft-model": CHECKPOINTS / "smollm2-draft",
                                      "hybrid": CHECKPOINTS / "smollm2-hybrid"}}  # acceptance.json only (see _hybrid)
 
 
@@ -94,6 +95,17 @@ def _medusa(cfg, target) -> Drafter:
     return drafter
 
 
+def _draft_model(cfg, target) -> Drafter:
+    """A small Llama-family model (--drafter-path: safetensors folder or GGUF; default: the shipped one) that
+    shares the target's tokenizer, drafting with its own paged KV (``drafters.draft_model``)."""
+    from drafters.draft_model_load import build_draft_model_drafter
+
+    path = _checkpoint(cfg, "draft-model")
+    drafter = build_draft_model_drafter(cfg, target, path)
+    drafter.acceptance_profile = load_acceptance_profile(path) if path.is_dir() else None
+    return drafter
+
+
 def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
     f = folder / "acceptance.json"
@@ -119,6 +131,7 @@ DRAFTERS: dict[str, Factory] = {
     "gumiho": _gumiho,
     "hybrid": _hybrid,
     "swift": _swift,
+    "draft-model": _draft_model,
     "medusa": _medusa,
 }
 

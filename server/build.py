@@ -47,6 +47,12 @@ def load_model(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype).eval()
 
 
+def kv_blocks(cfg: ServerConfig, model: LlamaModel, dtype: torch.dtype) -> int:
+    """Target KV cache blocks: ``num_kv_blocks``, else as many as ``kv_cache_gib`` holds."""
+    return cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * 2**30 // (kv_bytes_per_token(model, dtype)
+                                                                           * cfg.block_size)))
+
+
 def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -> BudgetPolicy:
     """Measure verify and drafting cost per (batch size, tree size) on this machine and pick the draft
     budget for every number of decoding requests (0: plain decoding at that load); logs the table."""
@@ -80,8 +86,7 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     tokenizer = load_tokenizer(path)
     mc = model.config
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    num_blocks = cfg.num_kv_blocks or max(
-        1, int(cfg.kv_cache_gib * 2**30 // (kv_bytes_per_token(model, dtype) * cfg.block_size)))
+    num_blocks = kv_blocks(cfg, model, dtype)
     kv = KVManager(BlockPool(num_blocks, cfg.block_size), prefix_caching=cfg.enable_prefix_caching)
     drafter = build_drafter(cfg.drafter, cfg, model)
     lookahead = drafter.max_tree_tokens if drafter is not None else 0

@@ -10,6 +10,7 @@ from typing import Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from drafters.draft_model_config import DraftModelConfig
 from drafters.gsd_config import GsdConfig
 from drafters.medusa_config import MedusaConfig
 from drafters.swift_config import SwiftConfig
@@ -50,6 +51,8 @@ class ServerConfig(BaseModel):
                                                                        "'swift:' section; see README)")
     gsd: GsdConfig = Field(default_factory=GsdConfig, description="GSD drafter options (the preset's 'gsd:' "
                                                                  "section)")
+    draft_model: DraftModelConfig = Field(default_factory=DraftModelConfig, description="draft-model drafter "
+                                          "options (the preset's 'draft_model:' section)")
     medusa: MedusaConfig = Field(default_factory=MedusaConfig, description="Medusa drafter options (the "
                                                                           "preset's 'medusa:' section)")
     enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "
@@ -58,8 +61,11 @@ class ServerConfig(BaseModel):
                                              "drafter, as the embedded model does; else none), none, lookup, eagle, gumiho, "
                                              "hybrid (prompt lookup merged into eagle's tree), swift (layer-skip "
                                              "self-speculation, no checkpoint), medusa (parallel heads on the "
-                                             "target's last feature; MEDUSA+ dynamic or static tree)")
-    drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; default: the "
+                                             "target's last feature; MEDUSA+ dynamic or static tree), "
+                                             "draft-model (a small Llama-family model sharing the target's "
+                                             "tokenizer, --drafter-path folder or GGUF)")
+    drafter_path: str | None = Field(None, description="Drafter checkpoint folder (eagle, gumiho; draft-model: a "
+                                                       "Llama-family folder or .gguf; default: the "
                                                        "shipped drafter of the embedded model)")
     max_draft_tokens: int = Field(16, ge=1, le=256, description="Draft-tree budget (nodes) per request per step")
     draft_depth: int | None = Field(None, ge=1, le=32, description="Tree drafters: expansion depth (max draft "

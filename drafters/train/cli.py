@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ TRAINERS: dict[str, str] = {
     "eagle": "drafters.train.cli:train_eagle_from_args",
     "gumiho": "drafters.train.cli:train_gumiho_from_args",
     "medusa": "drafters.train.medusa:train_medusa_from_args",
+    "draft-model": "drafters.train.cli:train_draft_model_from_args",
 }
+TOKEN_METHODS = {"draft-model"}   # trained on token ids alone: no feature extraction (``--work`` is unused)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("gumiho")
     g.add_argument("--mlp-num", type=int, default=5, help="parallel MLP heads")
     g.add_argument("--mlp-res-blocks", type=int, default=5, help="residual blocks per MLP head")
+    g = parser.add_argument_group("draft-model")
+    g.add_argument("--draft-init", choices=["prefix", "fresh"], default="prefix",
+                   help="the target's first --draft-layers layers (fine-tuned) or fresh ones")
+    g.add_argument("--draft-layers", type=int, default=2, help="decoder layers of the draft model")
     g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the saved checkpoint weights")
     g = parser.add_argument_group("medusa")
@@ -106,6 +113,20 @@ def train_gumiho_from_args(args: argparse.Namespace, target_config: dict[str, An
     return train_gumiho(train_config(args), target_config, embed, lm_head, getattr(torch, args.save_dtype))
 
 
+def train_draft_model_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
+                                lm_head: torch.Tensor) -> dict[str, Any]:
+    """Run ``drafters.train.draft_model.train_draft_model`` (``--data``: a self-distillation folder)."""
+    from drafters.train.draft_model import train_draft_model
+    from server.models.loader import load_weights
+
+    _, state = load_weights(args.model)
+    return train_draft_model(args.data, args.out, target_config, state, init=args.draft_init,
+                             layers=args.draft_layers, lr=args.lr, batch_tokens=args.batch_tokens,
+                             max_len=args.max_len, max_minutes=args.max_minutes or math.inf, epochs=args.epochs,
+                             warmup=args.warmup, val_shards=args.val_shards, seed=args.seed,
+                             save_dtype=getattr(torch, args.save_dtype))
+
+
 def _trainer(method: str):
     module, _, name = TRAINERS[method].partition(":")
     return getattr(importlib.import_module(module), name)
@@ -116,7 +137,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_key(args.model, args.data, args.limit, args.max_len, args.seed, args.shard_size)
-    if features_complete(args.work, run):
+    if args.method in TOKEN_METHODS:
+        log.info("%s trains on token ids: no feature extraction", args.method)
+    elif features_complete(args.work, run):
         log.info("using the features in %s", args.work)
     else:
         run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
