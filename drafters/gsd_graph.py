@@ -107,6 +107,10 @@ class TokenGraph:
         self.pending = [] if self.done else new
         return list(self.pending)
 
+    def halt(self, reason: str) -> None:
+        """Stop drafting now (e.g. the draft KV is full); the graph unrolls as it stands."""
+        self.stop_reason, self.pending = reason, []
+
     def kept(self, cands: Candidates) -> list[tuple[int, int, float]]:
         """(rank, token, prob) of the top-n candidates passing the sibling threshold (and p > 0)."""
         top = list(cands)[:self.config.top_n]

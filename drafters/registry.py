@@ -106,6 +106,17 @@ def _draft_model(cfg, target) -> Drafter:
     return drafter
 
 
+def _gsd(cfg, target) -> Drafter:
+    """GSD (the ``gsd`` options) over the draft-model drafter (``_draft_model``: shipped or --drafter-path), its
+    scratch KV sized for ``gsd.max_nodes`` fed nodes per request (depth x top-k >= max_nodes)."""
+    from drafters.gsd import GsdDrafter
+
+    opts = cfg.gsd
+    shape = {"depth": opts.max_steps, "top_k": -(-opts.max_nodes // opts.max_steps)}
+    inner = _draft_model(cfg.model_copy(update={"draft_model": cfg.draft_model.model_copy(update=shape)}), target)
+    return GsdDrafter(inner, opts)
+
+
 def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     """``acceptance.json`` beside a checkpoint: ``{"tau_by_budget": {"8": 2.1, ...}}`` measured by bench."""
     f = folder / "acceptance.json"
@@ -132,6 +143,7 @@ DRAFTERS: dict[str, Factory] = {
     "hybrid": _hybrid,
     "swift": _swift,
     "draft-model": _draft_model,
+    "gsd": _gsd,
     "medusa": _medusa,
 }
 
