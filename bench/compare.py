@@ -70,6 +70,8 @@ def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurre
         rows, wall = run_engine(engine, prompts, max_new_tokens, concurrency, key, profile)
         out["variants"][key] = {**info, **method_results(rows, wall, baseline),
                                 "step_time_breakdown_ms": profile.mean_ms()}
+        if engine.runner.drafter is not None and (report := engine.runner.drafter.bench_report()):
+            out["variants"][key]["drafter_report"] = report     # warm-up included (e.g. GSD's forward counts)
 
     if "default" in drafters:
         served = served or cfg
