@@ -120,7 +120,7 @@ def train_draft_model_from_args(args: argparse.Namespace, target_config: dict[st
     from server.models.loader import load_weights
 
     _, state = load_weights(args.model)
-    return train_draft_model(args.data, args.out, target_config, state, init=args.draft_init,
+    return train_draft_model(args.data, args.out, target_config, state, init=args.init or args.draft_init,
                              layers=args.draft_layers, lr=args.lr, batch_tokens=args.batch_tokens,
                              max_len=args.max_len, max_minutes=args.max_minutes or math.inf, epochs=args.epochs,
                              warmup=args.warmup, val_shards=args.val_shards, seed=args.seed,

@@ -6,7 +6,9 @@ the loss is next-token cross-entropy on answer tokens (prompt tokens are context
 (``--draft-init``), both ``--draft-layers`` N layers at the target's width:
 
 - ``prefix``: the target's first N decoder layers and its final norm, fine-tuned;
-- ``fresh``: N freshly initialised layers and a fresh final norm.
+- ``fresh``: N freshly initialised layers and a fresh final norm;
+
+(``--init FOLDER`` continues from a saved draft model instead).
 
 Both read the target's token embedding and LM head, frozen, and the checkpoint does not store them
 (``drafters/draft_model.py`` loads such a checkpoint onto the target's). The model runs through the
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from drafters.train.distill import distill_shards
 from drafters.train.features import distilled_records, length_batches
@@ -56,8 +58,11 @@ def build_candidate(init: str, layers: int, target_config: dict[str, Any], targe
         model.load_hf_state_dict(target_state)                     # layers 0 .. N-1, final norm, embedding, head
     elif init == "fresh":
         model.load_hf_state_dict({**target_state, **fresh_layers(model)})
+    elif Path(init).is_dir():                                       # a saved draft model: continue from it
+        own = load_file(str(Path(init) / "model.safetensors"))
+        model.load_hf_state_dict({**target_state, **{k: v.float() for k, v in own.items()}})
     else:
-        raise ValueError(f"unknown draft-model init {init!r} (prefix, fresh)")
+        raise ValueError(f"unknown draft-model init {init!r} (prefix, fresh or a draft-model checkpoint folder)")
     for name, p in model.named_parameters():
         p.requires_grad_(name not in SHARED)
     return model
@@ -260,7 +265,7 @@ def train_draft_model(data: str | Path, out: str | Path, target_config: dict[str
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            log.append({"step": step, "loss": round(float(ce), 4), "acc": round(float(hits.float().mean()), 4),
+            log.append({"step": step, "loss": round(float(ce.detach()), 4), "acc": round(float(hits.float().mean()), 4),
                         "time": round(time.time() - began, 1)})
     after = evaluate(model, val, max_len, batch_tokens)
     summary = {"init": init, "layers": layers, "steps": step, "minutes": round((time.time() - began) / 60, 2),
