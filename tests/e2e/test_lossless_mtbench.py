@@ -53,7 +53,7 @@ def reference(default_model_dir, questions):
     return prompts, run(engine, prompts, concurrency=16)
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "eagle", "gumiho", "hybrid", "swift", "draft-model", "gsd"])
+@pytest.mark.parametrize("drafter", ["lookup", "eagle", "gumiho", "hybrid", "swift", "medusa", "draft-model", "gsd"])
 def test_speculative_greedy_equals_plain_on_mt_bench(default_model_dir, questions, reference, drafter):
     checkpoint = {"lookup": None, "swift": None, "hybrid": "eagle",   # hybrid: eagle's; gsd: the draft model's
                   "gsd": "draft-model"}.get(drafter, drafter)

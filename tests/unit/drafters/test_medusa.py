@@ -10,7 +10,9 @@ import torch
 from helpers import (
     assert_batched_drafts_equal_solo,
     assert_drafter_lossless,
+    chi2_pvalue,
     feed_random_context,
+    tiny_engine,
     tiny_features,
     tiny_hf_config,
     word_records,
@@ -158,6 +160,39 @@ def test_trained_truncated_heads_are_lossless(tiny_pair):
     ids = torch.arange(3, 150, 2)
     heads = make_heads(target.lm_head.weight, 3, trained=True, ids=ids, std=0.2)
     assert_drafter_lossless(hf, target, MedusaDrafter(heads, 8, MedusaConfig(top_k=3)), 3, seed=2)
+
+
+@torch.no_grad()
+def second_token_marginal(hf, prompt: list[int], temperature: float) -> torch.Tensor:
+    """Exact distribution of the second sampled token: ``sum_x1 p(x1) p(x2 | x1)``.  # [V]"""
+    first = (hf(torch.tensor([prompt])).logits[0, -1] / temperature).softmax(-1)            # [V]
+    seqs = torch.tensor([prompt + [t] for t in range(VOCAB)])                                # [V, P + 1]
+    return (first @ (hf(seqs).logits[:, -1] / temperature).softmax(-1)).double()            # [V]
+
+
+def test_sampled_tokens_keep_the_target_distribution(tiny_pair):
+    """Sampling through Medusa trees (q = 1) draws the second token from the target's own marginal."""
+    hf, target = tiny_pair
+    heads = MedusaHeads(MedusaHeadsSpec(HIDDEN, VOCAB, 2, 1), target.lm_head.weight)   # identity heads: wide trees
+    prompt, draws, temperature = [7, 80, 15, 42, 9], 2400, 0.5
+    want = second_token_marginal(hf, prompt, temperature)
+    engine = tiny_engine(target, num_blocks=512, max_num_seqs=64, drafter=MedusaDrafter(heads, 32, MedusaConfig(top_k=32)))
+    reqs = [engine.add_request(f"s{i}", prompt, SamplingParams(max_tokens=40, temperature=temperature, seed=i,
+                                                               draft_tokens=32)) for i in range(draws)]
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():                        # stop each request once it has its second token
+        for o in engine.step()[0]:
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+            if len(got[o.request_id]) >= 2 and not o.finished:
+                engine.abort(o.request_id)
+    assert sum(r.spec.accepted_tokens for r in reqs) > draws // 50                # drafts were accepted
+    big = (want * draws >= 5).nonzero().flatten().tolist()                        # own cell; the rest pooled
+    cell = {t: i for i, t in enumerate(big)}
+    probs = torch.cat([want[big], (1 - want[big].sum()).clamp(min=0)[None]])
+    samples = [cell.get(toks[1], len(big)) for toks in got.values()]
+    if probs[-1] * draws < 5:
+        probs, samples = probs[:-1] / probs[:-1].sum(), [s for s in samples if s < len(big)]
+    assert chi2_pvalue(samples, probs) > 1e-3
 
 
 def test_medusa_training_learns_resumes_and_writes_the_static_tree(tmp_path):
