@@ -76,7 +76,7 @@ USER treespec
 EXPOSE 8000
 
 # No curl in the slim image: probe /health with the standard library.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=5 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=5 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 
 CMD ["treespec", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -6,7 +6,7 @@ MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install model serve test test-fast test-e2e test-faults bench lint clean
+.PHONY: install model serve test test-fast test-e2e test-faults test-image bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-e2e: install model
 # Sizes: TREESPEC_FAULTS_N (500), _CONCURRENCY (64), ... (tests/faults/load.py, FaultConfig)
 test-faults: install model
 	$(PY) -m pytest -q -s -m faults tests/faults
+
+# Root; apt-installs podman, mmdebstrap, docker-compose, prometheus (deploy/test_image.sh; not in `make test`)
+test-image: install model
+	deploy/test_image.sh
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests/unit

@@ -100,7 +100,8 @@ def main() -> int:
     info = json.loads(out([*podman, "image", "inspect", args.image]))[0]
     config = info["Config"]
     user = config.get("User") or ""
-    health = (config.get("Healthcheck") or {}).get("Test") or []
+    # Docker-format images: podman reports the HEALTHCHECK beside Config (docker inspect: inside it).
+    health = (info.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test") or []
     print(f"image config: user={user!r} workdir={config.get('WorkingDir')!r} cmd={config.get('Cmd')} "
           f"healthcheck={health}")
     if not user or user in ("root", "0"):
@@ -108,7 +109,7 @@ def main() -> int:
     if not health or health[0] != "CMD":
         raise SystemExit(f"the image has no exec-form HEALTHCHECK: {health}")
 
-    container = out([*podman, "create", args.image])
+    container = out([*podman, "create", "--health-cmd", "none", args.image])  # no systemd timer
     mounts: list[Path] = []
     server = None
     try:

@@ -13,6 +13,7 @@
 #                  where a registry is reachable)
 #   TORCH_WHEEL_DIR  folder served to the build as --find-links (default: the torch==2.13.0 wheel the
 #                  host's pip resolves, downloaded into .cache/image/wheels)
+#   IMAGE_LAYERS=true  keep the build's intermediate layers (faster reruns, several GB more with vfs)
 #   SKIP_APT=1     do not apt-get install the tools
 set -euo pipefail
 
@@ -104,7 +105,9 @@ esac
 
 log "podman build (base $BASE_IMAGE)"
 start=$(date +%s)
-nice "${PODMAN[@]}" build --isolation chroot --network host --format docker --layers \
+# --format docker keeps the HEALTHCHECK (OCI images have none). vfs stores every layer as a full copy,
+# so intermediate layers are not kept unless IMAGE_LAYERS=true (a rerun then reuses them).
+nice "${PODMAN[@]}" build --isolation chroot --network host --format docker --layers="${IMAGE_LAYERS:-false}" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" \
     --build-arg TORCH_FIND_LINKS="http://127.0.0.1:$WHEEL_PORT/" \
     -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" 2>&1 | tee "$CACHE/build.log"
