@@ -94,6 +94,8 @@ def main() -> int:
     ap.add_argument("--podman", required=True, help="podman command line (storage options included)")
     ap.add_argument("--image", required=True)
     ap.add_argument("--startup-timeout", type=int, default=900, help="seconds to wait for /health")
+    ap.add_argument("--expect-cpu-torch", action="store_true",
+                    help="fail unless torch is a +cpu build and no nvidia-* packages are installed")
     args = ap.parse_args()
     podman = shlex.split(args.podman)
 
@@ -115,6 +117,12 @@ def main() -> int:
     try:
         rootfs = Path(out([*podman, "mount", container]))
         uid, gid = lookup_user(rootfs, user)
+        dists = [p.name for p in rootfs.glob("opt/venv/lib/python3*/site-packages/*.dist-info")]
+        torch_dist = [d for d in dists if d.startswith("torch-")]
+        nvidia = [d for d in dists if d.lower().startswith("nvidia")]
+        print(f"packages: {torch_dist}, {len(nvidia)} nvidia-* ({len(dists)} in all)")
+        if args.expect_cpu_torch and (nvidia or not any("+cpu" in d for d in torch_dist)):
+            raise SystemExit("expected the CPU torch wheel and no CUDA packages")
         print(f"rootfs {rootfs}; user {user} = {uid}:{gid}")
         for kind, target, opts in (("proc", "proc", []), ("sysfs", "sys", ["-o", "ro"])):
             sh(["mount", "-t", kind, *opts, kind, str(rootfs / target)])

@@ -113,10 +113,13 @@ nice "${PODMAN[@]}" build --isolation chroot --network host --format docker --la
     -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" 2>&1 | tee "$CACHE/build.log"
 build_s=$(( $(date +%s) - start ))
 kill $WHEEL_SERVER 2>/dev/null || true
+"${PODMAN[@]}" image prune -f >/dev/null   # the previous build's image, untagged by this one
 
 # 6. Run the image's command from its root filesystem and check it.
 log "run from the image's root filesystem"
-python3 deploy/image_run.py --podman "${PODMAN[*]}" --image "$IMAGE"
+cpu=()
+ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1 && cpu=(--expect-cpu-torch)
+python3 deploy/image_run.py --podman "${PODMAN[*]}" --image "$IMAGE" "${cpu[@]}"
 
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 log "image $IMAGE: $(( size / 1000000 )) MB, build ${build_s}s (log: $CACHE/build.log)"
