@@ -6,20 +6,12 @@ that shares the tokenizer by construction), so the test always runs."""
 from __future__ import annotations
 
 import pytest
+from unit.drafters.test_draft_model_real import run
 
 from drafters.registry import shipped_drafter
-from server.engine.request import SamplingParams
 
 PROMPTS = ["Explain how a bicycle gear system works.", "List three uses of copper, one per line.",
            "What is the capital of France? Answer in one sentence."]
-
-
-def run(engine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    reqs = [engine.add_request(f"p{i}", ids, params) for i, ids in enumerate(prompts)]
-    while engine.has_unfinished():
-        engine.step()
-    return [r.output_token_ids for r in reqs], reqs
 
 
 @pytest.mark.slow
