@@ -3,7 +3,7 @@
 # .carry/whl, .carry/data and one GGUF piece (see bench/gpu/README.md):
 #   bash bench/gpu/remote.sh STAGE...
 # Stages: setup (wheels; collects GGUF pieces; converts the model once all have arrived), tests,
-# kernel, step, smollm2, distill, train. Results land in $OUT (they come back to the CPU machine).
+# kernel, step, smollm2, issue11, distill, train. Results land in $OUT (they come back to the CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STATE=/tmp/treespec
@@ -47,6 +47,12 @@ smollm2() {
       --out "$OUT/smollm2_compare_c$c.json" 2>&1 | tail -12
   done
 }
+issue11() {   # the newer drafters at batch 1 (Medusa dynamic vs static, draft model, GSD merge on/off)
+  need_model issue11 || return 1
+  $PY -m server.cli bench --model "$MODEL" --device cuda --questions .carry/data/mt_bench.jsonl \
+    --concurrency 1 --max-new-tokens 128 --no-hf --budgets 16 --compare eagle medusa 'medusa[medusa.tree=static]' \
+    draft-model gsd 'gsd[gsd.repeat_threshold=-1]' --out "$OUT/smollm2_issue11_c1.json" 2>&1 | tail -12
+}
 distill() {
   need_model distill || return 1
   gunzip -c .carry/data/train_prompts.jsonl.gz > "$STATE/train_prompts.jsonl"
@@ -55,12 +61,23 @@ distill() {
     --max-minutes "${DISTILL_MINUTES:-8}" 2>&1 | tail -12
   tar -czf "$OUT/distill_shards.tgz" drafters/data/smollm2-distill
 }
-train() {
+train_flags() {   # method-specific flags: warm start from the shipped checkpoint
+  case "$1" in
+    eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3" ;;
+    gumiho) echo "--init drafters/checkpoints/smollm2-gumiho" ;;
+    medusa) echo "--init drafters/checkpoints/smollm2-medusa" ;;
+    draft-model) echo "--init drafters/checkpoints/smollm2-draft --draft-init fresh" ;;
+  esac
+}
+train() {   # TRAIN_METHODS (default eagle) share one feature folder; TRAIN_MINUTES each
   need_model train || return 1
-  $PY -m server.cli train-drafter --model "$MODEL" --data drafters/data/smollm2-distill --device cuda --amp \
-    --method eagle --init drafters/checkpoints/smollm2-eagle --unroll 3 --work "$STATE/eagle_work" \
-    --out "$STATE/eagle_out" --max-minutes "${TRAIN_MINUTES:-8}" 2>&1 | tail -12
-  tar -czf "$OUT/eagle_checkpoint.tgz" -C "$STATE" eagle_out
+  for method in ${TRAIN_METHODS:-eagle}; do
+    # shellcheck disable=SC2046
+    $PY -m server.cli train-drafter --model "$MODEL" --data drafters/data/smollm2-distill --device cuda --amp \
+      --method "$method" $(train_flags "$method") --work "$STATE/features" \
+      --out "$STATE/${method}_out" --max-minutes "${TRAIN_MINUTES:-8}" 2>&1 | tail -12
+    tar -czf "$OUT/${method}_checkpoint.tgz" -C "$STATE" "${method}_out"
+  done
 }
 
 for stage in "$@"; do
