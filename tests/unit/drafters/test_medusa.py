@@ -221,12 +221,12 @@ def test_medusa_training_learns_resumes_and_writes_the_static_tree(tmp_path):
     assert resumed["steps"] == 44
 
 
-def test_medusa_truncated_trained_head_training(tmp_path):
+def test_medusa_truncated_trained_head_training_under_autocast(tmp_path):
     cfg_target = tiny_hf_config(vocab_size=260)
     model, _ = tiny_features(tmp_path / "work", word_records(12), 4, cfg_target)
     embed = model.model.embed_tokens.weight.detach()
     cfg = TrainConfig(work=str(tmp_path / "work"), out=str(tmp_path / "out"), lr=1e-2, batch_size=4, epochs=10,
-                      warmup=2, log_every=1, save_every=50, seed=0, head_vocab=32)
+                      warmup=2, log_every=1, save_every=50, seed=0, head_vocab=32, amp=True)
     summary = train_medusa(cfg, cfg_target, embed, embed, MedusaRecipe(2, 1, trained_head=True))
     log = json.loads((tmp_path / "out" / "train_log.json").read_text())["log"]
     assert log[-1]["loss"] < 0.6 * log[0]["loss"] and summary["head_vocab"] == 32
