@@ -6,7 +6,7 @@ that shares the tokenizer by construction), so the test always runs."""
 from __future__ import annotations
 
 import pytest
-from unit.drafters.test_draft_model_real import run
+from unit.drafters.test_draft_model_real import chat_ids, run
 
 from drafters.registry import shipped_drafter
 
@@ -24,9 +24,7 @@ def test_gsd_is_lossless_on_the_real_model_with_and_without_merging(default_mode
     common = {"model": str(default_model_dir), "num_kv_blocks": 256, "calibrate_tree": False}
     plain, _ = build_engine(ServerConfig(drafter="none", **common))
     tok = plain.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False)
-               for p in PROMPTS]
+    prompts = [chat_ids(tok, p) for p in PROMPTS]
     want, _ = run(plain, prompts, 24)
     reports = {}
     for repeat in (0, -1):
