@@ -191,7 +191,7 @@ def save_acceptance(cfg: ServerConfig, name: str, report: dict, source: Path) ->
     if folder is None or not folder.is_dir():
         print(f"{name}: no checkpoint folder to write acceptance.json to")
         return
-    runs = [v for v in report["compare"]["variants"].values() if v.get("variant", name) == name]  # no options
+    runs = [v for v in report["compare"]["variants"].values() if v.get("variant") == name]  # without options
     data = {"tau_by_budget": {str(v["budget"]): round(v["overall"]["tau"], 4) for v in runs},
             "source": str(source), "date": report["date"], "questions": report["config"]["questions"],
             "num_questions": report["config"]["num_questions"], "max_new_tokens": report["config"]["max_new_tokens"],

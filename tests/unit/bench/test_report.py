@@ -77,3 +77,17 @@ def test_compare_variant_specs_set_options():
     for bad in ("eagle[", "eagle[top_k]", "eagle[=3]", "two words"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_save_acceptance_takes_the_drafters_own_variants_only(tmp_path):
+    from bench.harness import save_acceptance
+    from server.config import ServerConfig
+
+    report = {"date": "d", "config": {"questions": "q", "num_questions": 1, "max_new_tokens": 8},
+              "compare": {"variants": {
+                  "default": {"drafter": "default", "budget": None, "overall": {"tau": 3.0}},
+                  "eagle@8": {"drafter": "eagle", "variant": "eagle", "budget": 8, "overall": {"tau": 2.0}},
+                  "eagle[draft_top_k=2]@8": {"drafter": "eagle", "variant": "eagle[draft_top_k=2]", "budget": 8,
+                                             "overall": {"tau": 1.0}}}}}
+    save_acceptance(ServerConfig(drafter_path=str(tmp_path)), "eagle", report, tmp_path / "r.json")
+    assert json.loads((tmp_path / "acceptance.json").read_text())["tau_by_budget"] == {"8": 2.0}
