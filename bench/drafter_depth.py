@@ -26,6 +26,10 @@ from bench.harness import machine_info
 
 
 def load_drafter(method: str, path: str, embed: torch.Tensor, lm_head: torch.Tensor):
+    if method == "medusa":
+        from drafters.medusa_model import load_medusa
+
+        return load_medusa(path, lm_head)
     if method == "gumiho":
         from drafters.gumiho_model import load_gumiho_checkpoint
 
@@ -36,6 +40,10 @@ def load_drafter(method: str, path: str, embed: torch.Tensor, lm_head: torch.Ten
 
 
 def recipe_for(method: str):
+    if method == "medusa":                          # depth d: head d - 1 (the target's own head drafts the root)
+        from drafters.train.medusa import MedusaRecipe
+
+        return MedusaRecipe()
     if method == "gumiho":
         from drafters.train.gumiho import GumihoRecipe
 
@@ -48,7 +56,8 @@ def recipe_for(method: str):
 @torch.no_grad()
 def top1_by_depth(method: str, drafter, records, lm_head: torch.Tensor, depth: int, max_len: int,
                   batch_size: int = 8) -> list[float]:
-    """Top-1 agreement at depths 1..``depth`` over every held-out record (first ``max_len`` positions)."""
+    """Top-1 agreement at depths 1..``depth`` (fewer for Medusa with fewer heads) over every held-out record
+    (first ``max_len`` positions)."""
     from drafters.train.loop import collate
 
     recipe, rng = recipe_for(method), random.Random(0)
@@ -59,7 +68,7 @@ def top1_by_depth(method: str, drafter, records, lm_head: torch.Tensor, depth: i
         for d, (h, n) in enumerate(recipe.top1_by_depth(drafter, batch, lm_head, depth)):
             hits[d] += h
             total[d] += n
-    return [h / max(n, 1.0) for h, n in zip(hits, total)]
+    return [h / n for h, n in zip(hits, total) if n > 0]          # a drafter with fewer heads stops early
 
 
 def plot(results: dict[str, list[float]], path: Path) -> None:
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
     parser.add_argument("--drafter", action="append", required=True, metavar="METHOD=PATH",
-                        help="eagle=<checkpoint> or gumiho=<checkpoint>; repeatable (NAME:METHOD=PATH names it)")
+                        help="eagle=, gumiho= or medusa=<checkpoint>; repeatable (NAME:METHOD=PATH names it)")
     parser.add_argument("--val-shards", type=int, default=1, help="last N feature shards are held out")
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--max-len", type=int, default=512)

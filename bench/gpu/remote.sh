@@ -65,7 +65,7 @@ train_flags() {   # method-specific flags: warm start from the shipped checkpoin
   case "$1" in
     eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3" ;;
     gumiho) echo "--init drafters/checkpoints/smollm2-gumiho" ;;
-    medusa) echo "--medusa-head trained --head-vocab 2048 --medusa-heads 4 --lr 2e-3" ;;   # no --init for medusa yet
+    medusa) echo "--init drafters/checkpoints/smollm2-medusa --medusa-head trained --head-vocab 2048 --medusa-heads 4 --lr 2e-3" ;;
     draft-model) echo "--init drafters/checkpoints/smollm2-draft --draft-init fresh" ;;
   esac
 }

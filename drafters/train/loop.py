@@ -143,6 +143,15 @@ class Recipe(ABC):
     def save(self, out: Path, drafter: EagleDrafter, extra: dict[str, Any]) -> None:
         """Write the checkpoint folder."""
 
+    def read_init(self, folder: str) -> dict[str, torch.Tensor]:
+        """The weights of a saved checkpoint of this method (``--init``), ``head_token_ids`` included when the
+        checkpoint has a truncated head."""
+        return read_checkpoint(folder)[1]
+
+    def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
+        """Warm-start ``drafter`` from ``read_init``'s weights (without ``head_token_ids``)."""
+        drafter.load_state_dict(own_state(state, drafter.config.num_hidden_layers))
+
     def top1_by_depth(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], full_head: torch.Tensor,
                       depth: int) -> list[tuple[float, float]]:
         """Per draft depth 1..``depth``: (hits, positions) of the drafter's argmax against the target's greedy
@@ -256,13 +265,13 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     state = (torch.load(state_path, weights_only=False, map_location=cfg.device)
              if cfg.resume and state_path.is_file() else None)
     ids = state["head_token_ids"] if state else head_token_ids(cfg.work, cfg.head_vocab)
-    init = read_checkpoint(cfg.init)[1] if cfg.init and not state else None
+    init = recipe.read_init(cfg.init) if cfg.init and not state else None
     if init is not None and "head_token_ids" in init:
         ids = init.pop("head_token_ids")
     embed_weight, lm_head_weight = embed_weight.float().to(cfg.device), lm_head_weight.float().to(cfg.device)
     drafter = recipe.build(target_config, embed_weight, lm_head_weight, ids).to(cfg.device)
     if init is not None:
-        drafter.load_state_dict(own_state(init, drafter.config.num_hidden_layers))
+        recipe.load_init(drafter, init)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log: list[dict[str, float]] = []

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from drafters.medusa_model import MedusaHeads, MedusaHeadsSpec, load_medusa, save_medusa
+from drafters.medusa_model import MedusaHeads, MedusaHeadsSpec, load_medusa, read_medusa, save_medusa
 from drafters.medusa_tree import STATIC_TREE_FILE, save_static_tree, static_paths
 from drafters.train.features import shard_paths
 from drafters.train.loop import Recipe, ShardRecords, TrainConfig, collate, train_drafter
@@ -44,6 +44,13 @@ class MedusaRecipe(Recipe):
               head_ids: torch.Tensor | None) -> MedusaHeads:
         vocab, hidden = lm_head_weight.shape
         return MedusaHeads(MedusaHeadsSpec(hidden, vocab, *self.spec), lm_head_weight, head_ids)
+
+    def read_init(self, folder: str) -> dict[str, torch.Tensor]:
+        return read_medusa(folder)[1]
+
+    def load_init(self, heads: MedusaHeads, state: dict[str, torch.Tensor]) -> None:
+        """Medusa-named weights (ours or FasterDecoding's) into heads of the same shape, in fp32."""
+        heads.load_medusa_state({k: v.float() for k, v in state.items()})
 
     def head_index(self, heads: MedusaHeads, labels: torch.Tensor) -> torch.Tensor:
         """Target ids -> indices into the heads' vocabulary (-1 where a truncated head lacks the token)."""

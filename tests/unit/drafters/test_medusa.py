@@ -232,3 +232,10 @@ def test_medusa_truncated_trained_head_training_under_autocast(tmp_path):
     assert log[-1]["loss"] < 0.6 * log[0]["loss"] and summary["head_vocab"] == 32
     loaded = load_medusa(tmp_path / "out", embed)
     assert loaded.config.trained_head and loaded.head_token_ids.shape == (32,) and loaded.out.shape == (2, 32, 64)
+    warm = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "warm"), "init": str(tmp_path / "out"),
+                          "lr": 1e-9, "epochs": 1})
+    train_medusa(warm, cfg_target, embed, embed, MedusaRecipe(2, 1, trained_head=True))
+    warm_log = json.loads((tmp_path / "warm" / "train_log.json").read_text())["log"]
+    assert warm_log[0]["loss"] < 0.8 * log[0]["loss"]                             # starts where --init left off
+    rewarmed = load_medusa(tmp_path / "warm", embed)
+    assert torch.equal(rewarmed.head_token_ids, loaded.head_token_ids)
