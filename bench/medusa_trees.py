@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import machine_info
-from drafters.medusa_tree import STATIC_TREE_FILE, build_tree, load_static_tree, renormalised, static_tree, top_tuples
+from drafters.medusa_tree import (
+    STATIC_TREE_FILE,
+    build_tree,
+    load_static_tree,
+    renormalised,
+    static_tree,
+    top_tuples,
+)
 from drafters.tree import DraftTree
 
 SHAPES = ("dynamic", "dynamic_full", "static")

@@ -1,5 +1,5 @@
-"""``treespec`` command line: ``serve``, ``bench``, ``distill`` (flags generated from the config models) and
-``train-drafter``."""
+"""``treespec`` command line: ``serve``, ``bench``, ``distill``, ``self-prompts`` (flags generated from the
+config models) and ``train-drafter``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     distill = sub.add_parser("distill", help="have the target answer training prompts (self-distillation data)")
     add_config_flags(distill)
     add_distill_flags(distill)
+    from drafters.train.self_prompts import add_self_prompt_flags, run_self_prompts
+    self_prompts = sub.add_parser("self-prompts", help="have the target write user prompts (Magpie) for distill")
+    add_config_flags(self_prompts)
+    add_self_prompt_flags(self_prompts)
     from drafters.train.cli import add_train_flags, run_train
     add_train_flags(sub.add_parser("train-drafter", help="extract target features and train a drafter"))
     args = parser.parse_args(argv)
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(cfg)
     elif args.command == "distill":
         run_distill(cfg, args)
+    elif args.command == "self-prompts":
+        run_self_prompts(cfg, args)
     else:
         run_bench(cfg, args)
 
