@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from drafters.train.distill import distill_shards
-from drafters.train.features import distilled_records, length_batches
+from drafters.train.features import data_folders, distilled_records, length_batches
 from kernels import SeqAttention, get_backend
 from server.models.llama import LlamaConfig, LlamaModel
 
@@ -219,18 +219,25 @@ def forward_ms(model: LlamaModel, context: int = 256, new: tuple[int, ...] = (1,
 
 
 def split_records(data: str | Path, val_shards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training and held-out records (the last ``val_shards`` distillation shards; records come in shard order)."""
+    """Training and held-out records: the last ``val_shards`` shards of each distillation folder (one, or
+    several comma-joined) are held out."""
+    train, held = [], []
+    for folder in data_folders(data):
+        shards = distill_shards(folder)
+        if len(shards) <= val_shards:
+            raise ValueError(f"{folder}: {len(shards)} shard(s), cannot hold out {val_shards}")
+        records = distilled_records(folder)
+        n_held = sum(_shard_records(path) for path in shards[len(shards) - val_shards:])
+        train += records[:len(records) - n_held]
+        held += records[len(records) - n_held:]
+    return train, held
+
+
+def _shard_records(path: Path) -> int:
     import numpy as np
 
-    shards = distill_shards(data)
-    if len(shards) <= val_shards:
-        raise ValueError(f"{data}: {len(shards)} shard(s), cannot hold out {val_shards}")
-    held = 0
-    for path in shards[len(shards) - val_shards:]:
-        with np.load(path) as shard:
-            held += len(shard["prompt_lens"])
-    records = distilled_records(data)
-    return records[:len(records) - held], records[len(records) - held:]
+    with np.load(path) as shard:
+        return len(shard["prompt_lens"])
 
 
 def train_draft_model(data: str | Path, out: str | Path, target_config: dict[str, Any],

@@ -30,28 +30,40 @@ from drafters.eagle_model import FREQ_FILE
 META_FILE = "meta.json"
 
 
-def distilled_records(folder: str | Path) -> list[dict[str, Any]]:
-    """Records of a distillation folder: ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
+def data_folders(data: str | Path) -> list[Path]:
+    """The folders of ``--data``: one path, or several joined by commas (e.g. two distillation runs)."""
+    return [Path(p) for p in str(data).split(",") if p]
+
+
+def is_distilled(data: str | Path) -> bool:
+    return all(folder.is_dir() for folder in data_folders(data))
+
+
+def distilled_records(data: str | Path) -> list[dict[str, Any]]:
+    """Records of one or more (comma-joined) distillation folders, folder by folder in shard order:
+    ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
     import numpy as np
 
     from drafters.train.distill import distill_shards
 
     records = []
-    for path in distill_shards(folder):
-        with np.load(path) as shard:
-            tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
-            for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"])):
-                records.append({"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(),
-                                "prompt_len": int(plen)})
-    if not records:
-        raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {folder}")
+    for folder in data_folders(data):
+        shards = distill_shards(folder)
+        if not shards:
+            raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {folder}")
+        for path in shards:
+            with np.load(path) as shard:
+                tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
+                for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"])):
+                    records.append({"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(),
+                                    "prompt_len": int(plen)})
     return records
 
 
 def load_records(path: str | Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """Records of a JSONL file (``id``, ``prompt``, ``response``) or a distillation folder, shuffled by
-    ``seed``, first ``limit``."""
-    if Path(path).is_dir():
+    """Records of a JSONL file (``id``, ``prompt``, ``response``) or of distillation folders (comma-joined),
+    shuffled by ``seed``, first ``limit``."""
+    if is_distilled(path):
         records = distilled_records(path)
     else:
         with open(path) as f:
@@ -197,13 +209,13 @@ def extract_features(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
 def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len: int, seed: int,
             shard_size: int) -> dict[str, Any]:
     """The settings that identify an extraction (a rerun must match them to resume); for a distillation
-    folder also its shard count, so features follow when more shards are generated."""
+    folder (or several, comma-joined) also the shard count, so features follow when more shards are generated."""
     key = {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
            "shard_size": shard_size}
-    if Path(data).is_dir():
+    if is_distilled(data):
         from drafters.train.distill import distill_shards
 
-        key["data_shards"] = len(distill_shards(data))
+        key["data_shards"] = sum(len(distill_shards(folder)) for folder in data_folders(data))
     return key
 
 
@@ -225,7 +237,7 @@ def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limi
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``python -m drafters.train.features`` and ``treespec train-drafter``."""
     parser.add_argument("--model", required=True, help="target model folder (Hugging Face safetensors)")
-    parser.add_argument("--data", required=True, help="JSONL with prompt/response records")
+    parser.add_argument("--data", required=True, help="JSONL with prompt/response records, or distillation folders (several joined by commas)")
     parser.add_argument("--work", required=True, help="folder for feature shards")
     parser.add_argument("--limit", type=int, default=None, help="use the first N records (after shuffling)")
     parser.add_argument("--max-len", type=int, default=512, help="truncate sequences to N tokens")

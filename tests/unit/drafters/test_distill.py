@@ -98,3 +98,18 @@ def test_distilled_folder_is_training_data(tmp_path, models):
     assert ids == records[0]["input_ids"]
     assert sum(mask) == MAX_NEW and not any(mask[:records[0]["prompt_len"]])
     assert run_key("m", out, None, 512, 0, 250)["data_shards"] == 3
+
+
+def test_several_distilled_folders_train_together(tmp_path, models):
+    from drafters.train.draft_model import split_records
+
+    data = _data(tmp_path)
+    _run(models, data, tmp_path / "a")
+    _run(models, data, tmp_path / "b", limit=8)
+    both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert len(load_records(both, None, seed=0)) == 9 + 8
+    assert run_key("m", both, None, 512, 0, 250)["data_shards"] == 3 + 2
+    train, held = split_records(both, 1)
+    assert (len(train), len(held)) == (8 + 4, 1 + 4)       # each folder's last shard held out (4 4 1 / 4 4)
+    with pytest.raises(FileNotFoundError):
+        load_records(f"{tmp_path / 'a'},{tmp_path / 'empty'}", None, seed=0)
