@@ -3,7 +3,7 @@
 # .carry/whl, .carry/data and one GGUF piece (see bench/gpu/README.md):
 #   bash bench/gpu/remote.sh STAGE...
 # Stages: setup (wheels; collects GGUF pieces; converts the model once all have arrived), tests,
-# kernel, step, smollm2, issue11, distill, train. Results land in $OUT (they come back to the CPU machine).
+# kernel, step, smollm2, issue11, distill, selfdistill, train. Results land in $OUT (they come back to the CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STATE=/tmp/treespec
@@ -61,6 +61,28 @@ distill() {
     --max-minutes "${DISTILL_MINUTES:-8}" 2>&1 | tail -12
   tar -czf "$OUT/distill_shards.tgz" drafters/data/smollm2-distill
 }
+selfdistill() {   # general-domain data: answer the committed self-written prompts, then write and answer more
+  need_model selfdistill || return 1
+  local engine="--model $MODEL --device cuda --max-num-seqs 256 --kv-cache-gib 16"
+  # shellcheck disable=SC2086
+  $PY -m server.cli distill $engine --data drafters/data/smollm2-self-prompts.jsonl \
+    --out drafters/data/smollm2-distill-self --shard-size 128 --max-minutes "${DISTILL_MINUTES:-4}" 2>&1 | tail -6
+  # shellcheck disable=SC2086
+  $PY -m server.cli self-prompts $engine --out drafters/data/smollm2-self-prompts-gpu.jsonl --seed 1 \
+    --num "${SELF_PROMPTS:-8192}" --in-flight 256 2>&1 | tail -4
+  # shellcheck disable=SC2086
+  $PY -m server.cli distill $engine --data drafters/data/smollm2-self-prompts-gpu.jsonl \
+    --out drafters/data/smollm2-distill-self-gpu --shard-size 128 --max-minutes "${DISTILL_MINUTES:-4}" 2>&1 | tail -6
+  tar -czf "$OUT/selfdistill.tgz" drafters/data/smollm2-distill-self drafters/data/smollm2-self-prompts-gpu.jsonl \
+    drafters/data/smollm2-distill-self-gpu
+}
+train_data() {   # every distillation folder present, comma-joined (train-drafter --data)
+  local folders=drafters/data/smollm2-distill
+  for extra in drafters/data/smollm2-distill-self drafters/data/smollm2-distill-self-gpu; do
+    [ -f "$extra/meta.json" ] && folders="$folders,$extra"
+  done
+  echo "$folders"
+}
 train_flags() {   # method-specific flags: warm start from the shipped checkpoint
   case "$1" in
     eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3" ;;
@@ -73,7 +95,7 @@ train() {   # TRAIN_METHODS (default eagle) share one feature folder; TRAIN_MINU
   need_model train || return 1
   for method in ${TRAIN_METHODS:-eagle}; do
     # shellcheck disable=SC2046
-    $PY -m server.cli train-drafter --model "$MODEL" --data drafters/data/smollm2-distill --device cuda --amp \
+    $PY -m server.cli train-drafter --model "$MODEL" --data "$(train_data)" --device cuda --amp \
       --method "$method" $(train_flags "$method") --work "$STATE/features" \
       --out "$STATE/${method}_out" --max-minutes "${TRAIN_MINUTES:-8}" 2>&1 | tail -12
     tar -czf "$OUT/${method}_checkpoint.tgz" -C "$STATE" "${method}_out"
