@@ -32,8 +32,8 @@ from bench.harness import machine_info
 from drafters.medusa_tree import (
     STATIC_TREE_FILE,
     build_tree,
+    dynamic_tree,
     load_static_tree,
-    renormalised,
     static_tree,
     top_tuples,
 )
@@ -58,7 +58,9 @@ def trees_for(shape: str, logits: np.ndarray, logprobs: np.ndarray, ids: np.ndar
     """One shape's tree from the heads' top-K ``logits``/full-vocabulary ``logprobs``/token ``ids`` ``[D, K]``."""
     if shape == "static":
         return static_tree(paths, logits, ids, budget)
-    probs = renormalised(logits) if shape == "dynamic" else np.exp(logprobs)
+    if shape == "dynamic":
+        return dynamic_tree(logits, ids, budget)
+    probs = np.exp(logprobs)
     return build_tree([node for node, _ in top_tuples(probs, budget)], ids, probs)
 
 

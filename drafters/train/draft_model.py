@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from drafters.train.distill import distill_shards
-from drafters.train.features import data_folders, distilled_records, length_batches
+from drafters.train.features import data_folders, length_batches, shard_records
 from kernels import SeqAttention, get_backend
 from server.models.llama import LlamaConfig, LlamaModel
 
@@ -226,18 +226,9 @@ def split_records(data: str | Path, val_shards: int) -> tuple[list[dict[str, Any
         shards = distill_shards(folder)
         if len(shards) <= val_shards:
             raise ValueError(f"{folder}: {len(shards)} shard(s), cannot hold out {val_shards}")
-        records = distilled_records(folder)
-        n_held = sum(_shard_records(path) for path in shards[len(shards) - val_shards:])
-        train += records[:len(records) - n_held]
-        held += records[len(records) - n_held:]
+        for i, path in enumerate(shards):
+            (train if i < len(shards) - val_shards else held).extend(shard_records(path))
     return train, held
-
-
-def _shard_records(path: Path) -> int:
-    import numpy as np
-
-    with np.load(path) as shard:
-        return len(shard["prompt_lens"])
 
 
 def train_draft_model(data: str | Path, out: str | Path, target_config: dict[str, Any],

@@ -39,11 +39,18 @@ def is_distilled(data: str | Path) -> bool:
     return all(folder.is_dir() for folder in data_folders(data))
 
 
-def distilled_records(data: str | Path) -> list[dict[str, Any]]:
-    """Records of one or more (comma-joined) distillation folders, folder by folder in shard order:
-    ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
+def shard_records(path: Path) -> list[dict[str, Any]]:
+    """Records of one distillation shard: ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
     import numpy as np
 
+    with np.load(path) as shard:
+        tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
+        return [{"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(), "prompt_len": int(plen)}
+                for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"]))]
+
+
+def distilled_records(data: str | Path) -> list[dict[str, Any]]:
+    """Records of one or more (comma-joined) distillation folders, folder by folder in shard order."""
     from drafters.train.distill import distill_shards
 
     records = []
@@ -52,11 +59,7 @@ def distilled_records(data: str | Path) -> list[dict[str, Any]]:
         if not shards:
             raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {folder}")
         for path in shards:
-            with np.load(path) as shard:
-                tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
-                for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"])):
-                    records.append({"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(),
-                                    "prompt_len": int(plen)})
+            records += shard_records(path)
     return records
 
 
@@ -237,7 +240,8 @@ def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limi
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``python -m drafters.train.features`` and ``treespec train-drafter``."""
     parser.add_argument("--model", required=True, help="target model folder (Hugging Face safetensors)")
-    parser.add_argument("--data", required=True, help="JSONL with prompt/response records, or distillation folders (several joined by commas)")
+    parser.add_argument("--data", required=True,
+                        help="JSONL with prompt/response records, or distillation folders (several joined by commas)")
     parser.add_argument("--work", required=True, help="folder for feature shards")
     parser.add_argument("--limit", type=int, default=None, help="use the first N records (after shuffling)")
     parser.add_argument("--max-len", type=int, default=512, help="truncate sequences to N tokens")

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
 SOURCE = "self-prompt"
 _MARK = "\x00user query\x00"
 
@@ -42,9 +40,13 @@ def normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _meta_file(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
 def _state(out: Path) -> tuple[dict[str, Any], set[str]]:
     """The run's counters (``<out>.meta.json``) and the normalised prompts already kept."""
-    meta_file = out.with_name(out.name + ".meta.json")
+    meta_file = _meta_file(out)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {
         "attempts": 0, "kept": 0, "dropped": {"length": 0, "short": 0, "repeat": 0}}
     seen = set()
@@ -66,7 +68,7 @@ def generate_prompts(engine: Any, out: str | Path, num: int, *, seed: int = 0, t
     meta, seen = _state(out)
     meta.update(seed=seed, temperature=temperature, top_p=top_p, max_tokens=max_tokens, min_chars=min_chars)
     prefix = pre_query_ids(engine.tokenizer)
-    meta_file = out.with_name(out.name + ".meta.json")
+    meta_file = _meta_file(out)
     tokens: dict[str, list[int]] = {}                       # request id (its attempt number) -> tokens so far
     next_attempt = meta["attempts"]                         # a resumed run skips the attempts it had in flight
     with open(out, "a") as sink, tqdm(total=num, initial=min(len(seen), num), desc="self-prompts",

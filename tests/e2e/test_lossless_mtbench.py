@@ -14,6 +14,7 @@ from helpers import run_to_completion
 
 from bench.questions import load_questions
 from drafters.registry import shipped_drafter
+from drafters.train.distill import chat_prompt_ids
 from server.build import build_engine
 from server.config import ServerConfig
 from server.engine.request import SamplingParams
@@ -22,10 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 MT_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mt_bench.jsonl"
 MAX_NEW = 128
 
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True), add_special_tokens=False)
 
 
 def run(engine, prompts: dict[str, list[int]], concurrency: int) -> dict[str, list[int]]:
@@ -49,7 +46,7 @@ def questions():
 @pytest.fixture(scope="module")
 def reference(default_model_dir, questions):
     engine, _ = build_engine(ServerConfig(model=str(default_model_dir), drafter="none", num_kv_blocks=2048))
-    prompts = {str(q.question_id): chat_ids(engine.tokenizer, q.turns[0]) for q in questions}
+    prompts = {str(q.question_id): chat_prompt_ids(engine.tokenizer, q.turns[0]) for q in questions}
     return prompts, run(engine, prompts, concurrency=16)
 
 

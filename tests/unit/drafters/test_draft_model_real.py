@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from drafters.registry import shipped_drafter
+from drafters.train.distill import chat_prompt_ids
 from server.engine.request import SamplingParams
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    """A user turn through the chat template, as the server tokenises it."""
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True), add_special_tokens=False)
-
 
 PROMPTS = ["Explain how a bicycle gear system works.", "What is the capital of France? Answer in one sentence."]
 
@@ -35,7 +29,7 @@ def test_shipped_draft_model_is_lossless_and_accepted(default_model_dir):
     common = {"model": str(default_model_dir), "num_kv_blocks": 256, "calibrate_tree": False}
     plain, _ = build_engine(ServerConfig(drafter="none", **common))
     tok = plain.tokenizer
-    prompts = [chat_ids(tok, p) for p in PROMPTS]
+    prompts = [chat_prompt_ids(tok, p) for p in PROMPTS]
     want, _ = run(plain, prompts, 32)
     spec, _ = build_engine(ServerConfig(drafter="draft-model", max_draft_tokens=12, **common))
     got, reqs = run(spec, prompts, 32)

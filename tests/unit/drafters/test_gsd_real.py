@@ -6,9 +6,10 @@ that shares the tokenizer by construction), so the test always runs."""
 from __future__ import annotations
 
 import pytest
-from unit.drafters.test_draft_model_real import chat_ids, run
+from unit.drafters.test_draft_model_real import run
 
 from drafters.registry import shipped_drafter
+from drafters.train.distill import chat_prompt_ids
 
 PROMPTS = ["Explain how a bicycle gear system works.", "List three uses of copper, one per line.",
            "What is the capital of France? Answer in one sentence."]
@@ -24,7 +25,7 @@ def test_gsd_is_lossless_on_the_real_model_with_and_without_merging(default_mode
     common = {"model": str(default_model_dir), "num_kv_blocks": 256, "calibrate_tree": False}
     plain, _ = build_engine(ServerConfig(drafter="none", **common))
     tok = plain.tokenizer
-    prompts = [chat_ids(tok, p) for p in PROMPTS]
+    prompts = [chat_prompt_ids(tok, p) for p in PROMPTS]
     want, _ = run(plain, prompts, 24)
     reports = {}
     for repeat in (0, -1):

@@ -8,15 +8,12 @@ from helpers import run_to_completion
 
 from drafters.medusa_config import MedusaConfig
 from drafters.registry import shipped_drafter
+from drafters.train.distill import chat_prompt_ids
 from server.engine.request import SamplingParams
 
 PROMPTS = ["Explain how a bicycle gear system works.", "What are three benefits of regular exercise?"]
 MAX_NEW = 32
 
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True), add_special_tokens=False)
 
 
 def generate(engine, prompts: dict[str, list[int]]) -> tuple[dict[str, list[int]], list]:
@@ -35,7 +32,7 @@ def test_shipped_medusa_heads_are_lossless_and_accepted(default_model_dir):
     assert shipped_drafter("default", "medusa").is_dir(), "the shipped medusa heads are missing"
     base = {"model": str(default_model_dir), "num_kv_blocks": 256, "max_draft_tokens": 12, "calibrate_tree": False}
     plain, _ = build_engine(ServerConfig(**base, drafter="none"))
-    prompts = {f"p{i}": chat_ids(plain.tokenizer, text) for i, text in enumerate(PROMPTS)}
+    prompts = {f"p{i}": chat_prompt_ids(plain.tokenizer, text) for i, text in enumerate(PROMPTS)}
     want, _ = generate(plain, prompts)
     for tree in ("dynamic", "static"):
         engine, _ = build_engine(ServerConfig(**base, drafter="medusa", medusa=MedusaConfig(tree=tree)))

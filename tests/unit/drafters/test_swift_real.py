@@ -8,17 +8,13 @@ import pytest
 from drafters.base import DraftRequest
 from drafters.swift_config import SwiftConfig
 from drafters.swift_search import SearchConfig, SkipSet
+from drafters.train.distill import chat_prompt_ids
 from server.engine.request import SamplingParams
 
 PROMPTS = ["Explain how a bicycle gear system works.", "Write a short story about a lighthouse keeper.",
            "List five tips for learning a new language, with one sentence each."]
 HELD_OUT = "Describe the water cycle to a ten-year-old."
 
-
-def chat_ids(engine, text):
-    tok = engine.tokenizer
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                              add_generation_prompt=True), add_special_tokens=False)
 
 
 @pytest.mark.slow
@@ -33,12 +29,12 @@ def test_the_searched_skip_set_matches_held_out_text_at_least_as_well(default_mo
     drafter = engine.runner.drafter
     greedy = SamplingParams(max_tokens=72, temperature=0.0)
     for i, text in enumerate(PROMPTS):
-        engine.add_request(f"p{i}", chat_ids(engine, text), greedy)
+        engine.add_request(f"p{i}", chat_prompt_ids(engine.tokenizer, text), greedy)
     while engine.has_unfinished():
         engine.step()
     search = drafter.store.get(drafter.default_task)
     assert search.iteration >= 30
-    req = engine.add_request("held", chat_ids(engine, HELD_OUT), SamplingParams(max_tokens=200, temperature=0.0))
+    req = engine.add_request("held", chat_prompt_ids(engine.tokenizer, HELD_OUT), SamplingParams(max_tokens=200, temperature=0.0))
     while req.num_output_tokens < 3 * window:
         engine.step()
     ask = DraftRequest("held", req.token_ids, req.params, 0, req.num_prompt_tokens)
