@@ -1,6 +1,6 @@
 """Held-out top-1 agreement by draft depth for trained drafters.
 
-For every start position of the held-out feature shards (the last ``--val-shards`` of ``--work``,
+For every start position of the held-out feature shards (the last ``--val-shards`` of each part of ``--work``,
 as training holds them out), each drafter drafts ``--depth`` tokens on its own features, as at
 inference; depth d's top-1 is the share of starts whose d-th drafted token (mapped to the target's
 vocabulary) equals the target's greedy token there, given the true tokens before it. Writes JSON
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
     parser.add_argument("--drafter", action="append", required=True, metavar="METHOD=PATH",
                         help="eagle=, gumiho= or medusa=<checkpoint>; repeatable (NAME:METHOD=PATH names it)")
-    parser.add_argument("--val-shards", type=int, default=1, help="last N feature shards are held out")
+    parser.add_argument("--val-shards", type=int, default=1, help="the last N feature shards of each part are held out")
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from drafters.train.cli import target_head
-    from drafters.train.features import META_FILE, shard_paths
+    from drafters.train.features import META_FILE, held_out_shards
     from drafters.train.loop import ShardRecords
 
     meta = json.loads((Path(args.work) / META_FILE).read_text())
     _, embed, lm_head = target_head(meta["model"])
-    records = ShardRecords(shard_paths(args.work)[-args.val_shards:])
+    records = ShardRecords(held_out_shards(args.work, args.val_shards))
     results = {}
     for spec in args.drafter:
         label, _, rest = spec.rpartition(":")

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
     parser.add_argument("--medusa", required=True, help="Medusa checkpoint folder (with static_tree.json)")
-    parser.add_argument("--val-shards", type=int, default=1, help="last N feature shards are held out")
+    parser.add_argument("--val-shards", type=int, default=1, help="the last N feature shards of each part are held out")
     parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--top-k", type=int, default=10, help="candidates per head (medusa.top_k)")
     parser.add_argument("--max-len", type=int, default=512)
@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from drafters.medusa_model import load_medusa
     from drafters.train.cli import target_head
-    from drafters.train.features import META_FILE, shard_paths
+    from drafters.train.features import META_FILE, held_out_shards
     from drafters.train.loop import ShardRecords
 
     meta = json.loads((Path(args.work) / META_FILE).read_text())
     lm_head = target_head(meta["model"])[2].float()
     heads = load_medusa(args.medusa, lm_head).float()
     paths = load_static_tree(Path(args.medusa) / STATIC_TREE_FILE)
-    records = ShardRecords(shard_paths(args.work)[-args.val_shards:])
+    records = ShardRecords(held_out_shards(args.work, args.val_shards))
     taus = simulate(heads, records, lm_head, paths, args.budgets, args.top_k, args.max_len, args.limit)
     for shape in SHAPES:
         print(shape, " ".join(f"@{b}: {taus[shape][b]:.3f}" for b in args.budgets), flush=True)

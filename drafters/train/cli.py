@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from drafters.train.features import add_feature_flags, features_complete, run_features, run_key
+from drafters.train.features import add_feature_flags, run_features
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Features (unless ``--work`` already holds a complete set), then the chosen method's training."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = run_key(args.model, args.data, args.limit, args.max_len, args.seed, args.shard_size)
     if args.method in TOKEN_METHODS:
         log.info("%s trains on token ids: no feature extraction", args.method)
-    elif features_complete(args.work, run):
-        log.info("using the features in %s", args.work)
-    else:
+    else:                                       # extracts only what --work lacks
         run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
                      args.shard_size, args.batch_tokens, args.device)
     target_config, embed, lm_head = target_head(args.model)

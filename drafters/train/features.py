@@ -11,14 +11,21 @@ of ``shard_size`` records and written as ``shard_00000.pt`` dicts::
 
 Finished shards are skipped on a rerun (resumable). ``token_freq.pt`` (int64 ``[V]``, counts of
 assistant tokens, for FR-Spec truncated heads) and ``meta.json`` (``"complete": true``) close a run.
+
+Several distillation folders (``--data A,B``) are extracted part by part, each into
+``<work>/<folder name>/``, so adding a folder reuses the features of the others; ``<work>`` then
+holds the summed ``token_freq.pt`` and a ``meta.json`` naming its ``parts``. Held-out shards are
+the last ``val_shards`` of each part (``split_shards``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ from tqdm import tqdm
 from drafters.eagle_model import FREQ_FILE
 
 META_FILE = "meta.json"
+log = logging.getLogger(__name__)
 
 
 def data_folders(data: str | Path) -> list[Path]:
@@ -155,6 +163,28 @@ def shard_paths(work: str | Path) -> list[Path]:
     return sorted(Path(work).glob("shard_*.pt"))
 
 
+def shard_groups(work: str | Path) -> list[list[Path]]:
+    """The feature shards of ``work``, one list per part (a single list unless its meta names parts)."""
+    meta_file = Path(work) / META_FILE
+    parts = json.loads(meta_file.read_text()).get("parts") if meta_file.is_file() else None
+    return [shard_paths(Path(work) / name) for name in parts] if parts else [shard_paths(work)]
+
+
+def held_out_shards(work: str | Path, val_shards: int) -> list[Path]:
+    """The last ``val_shards`` shards of each part of ``work``."""
+    return [p for group in shard_groups(work) for p in group[len(group) - min(val_shards, len(group)):]]
+
+
+def split_shards(work: str | Path, val_shards: int) -> tuple[list[Path], list[Path]]:
+    """(training, held-out) shards: each part holds out its last ``val_shards`` when it has more than that."""
+    train: list[Path] = []
+    held: list[Path] = []
+    for group in shard_groups(work):
+        n = len(group) - (val_shards if len(group) > val_shards else 0)
+        train, held = train + group[:n], held + group[n:]
+    return train, held
+
+
 def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
     """True when ``work`` holds a finished extraction of ``run``; raises if it holds another run's."""
     meta_file = Path(work) / META_FILE
@@ -222,19 +252,60 @@ def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len:
     return key
 
 
+def feature_parts(data: str | Path, work: str | Path) -> list[tuple[str | Path, Path]]:
+    """(data, feature folder) of each part: ``<work>/<folder name>`` per folder when ``data`` joins several
+    distillation folders, else ``data`` itself in ``work``."""
+    folders = data_folders(data)
+    if len(folders) < 2 or not is_distilled(data):
+        return [(data, Path(work))]
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        raise ValueError(f"distillation folders sharing {work} need distinct names: {names}")
+    return [(f, Path(work) / f.name) for f in folders]
+
+
+def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str | Path, data: str | Path,
+                     work: str | Path, limit: int | None = None, max_len: int = 512, seed: int = 0,
+                     shard_size: int = 250, batch_tokens: int = 4096) -> dict[str, Any]:
+    """Extract every part of ``data`` that ``work`` lacks (``load_target() -> (model, tokenizer)`` is called only
+    then) and return the meta of ``work``; ``limit`` applies to each part."""
+    parts = feature_parts(data, work)
+    target: tuple[Any, Any] | None = None
+    metas = []
+    for part, folder in parts:
+        run = run_key(model_dir, part, limit, max_len, seed, shard_size)
+        if features_complete(folder, run):
+            log.info("using the features in %s", folder)
+        else:
+            target = target or load_target()
+            extract_features(*target, load_records(part, limit, seed), folder, run, shard_size, max_len, batch_tokens)
+        metas.append(json.loads((folder / META_FILE).read_text()))
+    if len(parts) == 1:
+        return metas[0]
+    counts = sum(torch.load(folder / FREQ_FILE, weights_only=True) for _, folder in parts)
+    torch.save(counts, Path(work) / FREQ_FILE)
+    meta = {**run_key(model_dir, data, limit, max_len, seed, shard_size), "complete": True,
+            "parts": [folder.name for _, folder in parts],
+            **{k: sum(m[k] for m in metas) for k in ("num_records", "num_shards", "assistant_tokens")},
+            "hidden_size": metas[0]["hidden_size"], "vocab_size": metas[0]["vocab_size"]}
+    (Path(work) / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
 def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limit: int | None = None,
                  max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096,
                  device: str = "cpu") -> dict:
-    """Load the target (transformers, fp32, on ``device``) and its tokenizer from ``model_dir`` and extract
-    features."""
-    from transformers import AutoModelForCausalLM
+    """``prepare_features`` with the target loaded by transformers (fp32, on ``device``) from ``model_dir``."""
 
-    from server.models.loader import load_tokenizer
+    def load_target() -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-    run = run_key(model_dir, data, limit, max_len, seed, shard_size)
-    return extract_features(model, load_tokenizer(model_dir), load_records(data, limit, seed), work, run,
-                            shard_size, max_len, batch_tokens)
+        from server.models.loader import load_tokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+        return model, load_tokenizer(model_dir)
+
+    return prepare_features(load_target, model_dir, data, work, limit, max_len, seed, shard_size, batch_tokens)
 
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:

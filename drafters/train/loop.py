@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from drafters.eagle_model import EagleDrafter, own_state, read_checkpoint
-from drafters.train.features import FREQ_FILE, shard_paths
+from drafters.train.features import FREQ_FILE, split_shards
 
 
 @dataclass
@@ -247,12 +247,6 @@ def plot_curve(log: list[dict[str, float]], val: list[dict[str, float]], path: P
     plt.close(fig)
 
 
-def _split(work: str, val_shards: int) -> tuple[list[Path], list[Path]]:
-    paths = shard_paths(work)
-    held = val_shards if len(paths) > val_shards else 0
-    return paths[:len(paths) - held], paths[len(paths) - held:]
-
-
 def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
                   lm_head_weight: torch.Tensor) -> dict[str, Any]:
     """Train (or resume) ``recipe``'s drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
@@ -260,7 +254,7 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = Path(cfg.state or out / "train_state.pt")
-    train_paths, val_paths = _split(cfg.work, cfg.val_shards)
+    train_paths, val_paths = split_shards(cfg.work, cfg.val_shards)
     train, val = ShardRecords(train_paths), ShardRecords(val_paths)
     state = (torch.load(state_path, weights_only=False, map_location=cfg.device)
              if cfg.resume and state_path.is_file() else None)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from drafters.medusa_model import MedusaHeads, MedusaHeadsSpec, load_medusa, read_medusa, save_medusa
 from drafters.medusa_tree import STATIC_TREE_FILE, save_static_tree, static_paths
-from drafters.train.features import shard_paths
+from drafters.train.features import split_shards
 from drafters.train.loop import Recipe, ShardRecords, TrainConfig, collate, train_drafter
 
 
@@ -141,7 +141,7 @@ def rank_accuracy(heads: MedusaHeads, records: ShardRecords, full_head: torch.Te
 def finish(heads: MedusaHeads, cfg: TrainConfig, lm_head_weight: torch.Tensor, ranks: int = 10,
            tree_size: int = 64) -> dict[str, Any]:
     """Held-out rank accuracies of the trained heads and the static tree they give (``static_tree.json``)."""
-    held = shard_paths(cfg.work)[-cfg.val_shards:] if len(shard_paths(cfg.work)) > cfg.val_shards else []
+    held = split_shards(cfg.work, cfg.val_shards)[1]
     if not held:
         return {}
     accuracy = rank_accuracy(heads, ShardRecords(held), lm_head_weight, ranks, cfg.max_len, cfg.batch_size)

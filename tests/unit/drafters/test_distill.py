@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from drafters.train.distill import chat_prompt_ids, distill, distill_shards, is_sampled
-from drafters.train.features import load_records, run_key, tokenize_record
+from drafters.train.features import (
+    FREQ_FILE,
+    load_records,
+    prepare_features,
+    run_key,
+    shard_groups,
+    split_shards,
+    tokenize_record,
+)
 from tests.helpers import (
     ChatByteTokenizer,
     hf_model_from,
@@ -113,3 +121,37 @@ def test_several_distilled_folders_train_together(tmp_path, models):
     assert (len(train), len(held)) == (8 + 4, 1 + 4)       # each folder's last shard held out (4 4 1 / 4 4)
     with pytest.raises(FileNotFoundError):
         load_records(f"{tmp_path / 'a'},{tmp_path / 'empty'}", None, seed=0)
+
+
+def test_several_folders_extract_part_by_part(tmp_path, models):
+    import torch
+
+    data, work, loads = _data(tmp_path), tmp_path / "work", []
+    for name, limit in (("a", None), ("b", 8), ("c", 4)):
+        _run(models, data, tmp_path / name, limit=limit)
+
+    def load_target():
+        loads.append(1)
+        return models[0], ChatByteTokenizer()
+
+    def prepare(names):
+        data = ",".join(str(tmp_path / n) for n in names)
+        return prepare_features(load_target, "m", data, work, max_len=48, shard_size=4, batch_tokens=256)
+
+    meta = prepare(["a", "b"])
+    assert (meta["parts"], meta["num_records"], len(loads)) == (["a", "b"], 9 + 8, 1)
+    assert [len(g) for g in shard_groups(work)] == [3, 2]
+    train, held = split_shards(work, 1)
+    assert [p.relative_to(work).as_posix() for p in held] == ["a/shard_00002.pt", "b/shard_00001.pt"]
+    assert len(train) == 3
+    counts = [torch.load(work / d / FREQ_FILE) for d in ("", "a", "b")]
+    assert torch.equal(counts[0], counts[1] + counts[2]) and int(counts[0].sum()) == meta["assistant_tokens"]
+
+    first = (work / "a" / "shard_00000.pt").stat().st_mtime_ns
+    assert prepare(["a", "b", "c"])["num_records"] == 9 + 8 + 4 and len(loads) == 2   # only c extracted
+    assert prepare(["a", "b", "c"])["num_shards"] == 3 + 2 + 1 and len(loads) == 2    # nothing extracted
+    assert (work / "a" / "shard_00000.pt").stat().st_mtime_ns == first
+    (tmp_path / "x").mkdir()
+    (tmp_path / "a").rename(tmp_path / "x" / "a")
+    with pytest.raises(ValueError, match="distinct names"):
+        prepare_features(load_target, "m", f"{tmp_path / 'x' / 'a'},{tmp_path / 'x' / 'a'}", work)
