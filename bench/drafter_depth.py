@@ -1,7 +1,7 @@
 """Held-out top-1 agreement by draft depth for trained drafters.
 
-For every start position of the held-out feature shards (the last ``--val-shards`` of each part of ``--work``,
-as training holds them out), each drafter drafts ``--depth`` tokens on its own features, as at
+For every start position of the held-out feature shards (the last ``--val-shards`` of each part of
+``--work``, as training holds them out), each drafter drafts ``--depth`` tokens on its own features, as at
 inference; depth d's top-1 is the share of starts whose d-th drafted token (mapped to the target's
 vocabulary) equals the target's greedy token there, given the true tokens before it. Writes JSON
 (command, machine, date, results) and a PNG::
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
     parser.add_argument("--drafter", action="append", required=True, metavar="METHOD=PATH",
                         help="eagle=, gumiho= or medusa=<checkpoint>; repeatable (NAME:METHOD=PATH names it)")
-    parser.add_argument("--val-shards", type=int, default=1, help="the last N feature shards of each part are held out")
+    parser.add_argument("--val-shards", type=int, default=1,
+                        help="the last N feature shards of each part are held out")
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
     parser.add_argument("--medusa", required=True, help="Medusa checkpoint folder (with static_tree.json)")
-    parser.add_argument("--val-shards", type=int, default=1, help="the last N feature shards of each part are held out")
+    parser.add_argument("--val-shards", type=int, default=1,
+                        help="the last N feature shards of each part are held out")
     parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--top-k", type=int, default=10, help="candidates per head (medusa.top_k)")
     parser.add_argument("--max-len", type=int, default=512)

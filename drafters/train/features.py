@@ -267,8 +267,8 @@ def feature_parts(data: str | Path, work: str | Path) -> list[tuple[str | Path, 
 def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str | Path, data: str | Path,
                      work: str | Path, limit: int | None = None, max_len: int = 512, seed: int = 0,
                      shard_size: int = 250, batch_tokens: int = 4096) -> dict[str, Any]:
-    """Extract every part of ``data`` that ``work`` lacks (``load_target() -> (model, tokenizer)`` is called only
-    then) and return the meta of ``work``; ``limit`` applies to each part."""
+    """Extract every part of ``data`` that ``work`` lacks (``load_target() -> (model, tokenizer)`` is called
+    only then) and return the meta of ``work``; ``limit`` applies to each part."""
     parts = feature_parts(data, work)
     target: tuple[Any, Any] | None = None
     metas = []
@@ -278,7 +278,8 @@ def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str 
             log.info("using the features in %s", folder)
         else:
             target = target or load_target()
-            extract_features(*target, load_records(part, limit, seed), folder, run, shard_size, max_len, batch_tokens)
+            records = load_records(part, limit, seed)
+            extract_features(*target, records, folder, run, shard_size, max_len, batch_tokens)
         metas.append(json.loads((folder / META_FILE).read_text()))
     if len(parts) == 1:
         return metas[0]
@@ -295,7 +296,8 @@ def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str 
 def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limit: int | None = None,
                  max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096,
                  device: str = "cpu") -> dict:
-    """``prepare_features`` with the target loaded by transformers (fp32, on ``device``) from ``model_dir``."""
+    """``prepare_features`` with the target loaded by transformers (fp32, on ``device``) from
+    ``model_dir``."""
 
     def load_target() -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM
@@ -305,7 +307,8 @@ def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limi
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         return model, load_tokenizer(model_dir)
 
-    return prepare_features(load_target, model_dir, data, work, limit, max_len, seed, shard_size, batch_tokens)
+    return prepare_features(load_target, model_dir, data, work, limit, max_len, seed, shard_size,
+                            batch_tokens)
 
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,6 @@ MT_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mt_
 MAX_NEW = 128
 
 
-
 def run(engine, prompts: dict[str, list[int]], concurrency: int) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     items = list(prompts.items())

@@ -15,7 +15,6 @@ PROMPTS = ["Explain how a bicycle gear system works.", "What are three benefits 
 MAX_NEW = 32
 
 
-
 def generate(engine, prompts: dict[str, list[int]]) -> tuple[dict[str, list[int]], list]:
     greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     reqs = [engine.add_request(rid, ids, greedy) for rid, ids in prompts.items()]

@@ -16,7 +16,6 @@ PROMPTS = ["Explain how a bicycle gear system works.", "Write a short story abou
 HELD_OUT = "Describe the water cycle to a ten-year-old."
 
 
-
 @pytest.mark.slow
 def test_the_searched_skip_set_matches_held_out_text_at_least_as_well(default_model_dir):
     from server.build import build_engine
@@ -34,7 +33,8 @@ def test_the_searched_skip_set_matches_held_out_text_at_least_as_well(default_mo
         engine.step()
     search = drafter.store.get(drafter.default_task)
     assert search.iteration >= 30
-    req = engine.add_request("held", chat_prompt_ids(engine.tokenizer, HELD_OUT), SamplingParams(max_tokens=200, temperature=0.0))
+    req = engine.add_request("held", chat_prompt_ids(engine.tokenizer, HELD_OUT),
+                             SamplingParams(max_tokens=200, temperature=0.0))
     while req.num_output_tokens < 3 * window:
         engine.step()
     ask = DraftRequest("held", req.token_ids, req.params, 0, req.num_prompt_tokens)
