@@ -115,6 +115,10 @@ class MedusaHeads(nn.Module):
         """Inverse of ``medusa_state`` (missing or extra heads and blocks are an error)."""
         n = self.config.num_layers
         own = {f"blocks.{k}": v for k, v in state.items() if _BLOCK_PARAM.match(k)}
+        if (f"0.{n}.weight" in state) != (self.out is not None):
+            have, want = (("trained", "frozen") if self.out is None else ("frozen", "trained"))
+            raise ValueError(f"the weights have {have} vocabulary heads, these heads a {want} one "
+                             "(--medusa-head must match the --init checkpoint)")
         if self.out is not None:
             own["out"] = torch.stack([state[f"{i}.{n}.weight"] for i in range(self.num_heads)])
         self.load_state_dict(own)

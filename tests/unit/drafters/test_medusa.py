@@ -77,6 +77,20 @@ def test_checkpoint_round_trip(tiny_pair, tmp_path, trained):
         assert loaded.to_target_ids(torch.tensor([0, 6])).tolist() == [2, 100]
 
 
+@pytest.mark.parametrize("saved_trained", [False, True])
+def test_warm_start_into_the_other_head_kind_is_an_error(tiny_pair, saved_trained):
+    lm = tiny_pair[1].lm_head.weight
+    state = make_heads(lm, trained=saved_trained).medusa_state()
+    other = make_heads(lm, trained=not saved_trained)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="--medusa-head must match"):
+        MedusaRecipe(num_layers=2, trained_head=not saved_trained).load_init(other, state)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    same = make_heads(lm, trained=saved_trained, seed=4)
+    MedusaRecipe(num_layers=2, trained_head=saved_trained).load_init(same, state)
+    assert all(torch.equal(a, b) for a, b in zip(same.medusa_state().values(), state.values()))
+
+
 def test_load_fasterdecoding_layout(tiny_pair, tmp_path):
     """``medusa_lm_head.pt`` with ``{i}.{j}.linear.weight/bias`` per ResBlock and ``{i}.{n}.weight`` (Linear(H, V),
     no bias) per head; ``config.json`` with ``medusa_num_heads`` / ``medusa_num_layers`` (FasterDecoding/Medusa)."""
