@@ -30,7 +30,8 @@ import torch
 
 from drafters.base import Drafter, DraftRequest, TargetAccess
 from drafters.swift_config import SwiftConfig
-from drafters.swift_search import SearchStore, SkipSet, matchness
+from drafters.swift_search import SearchStore, matchness
+from drafters.swift_skipset import SkipSet
 from drafters.tree import DraftTree
 from kernels.metadata import SeqAttention
 from server.worker.device import now

@@ -17,7 +17,8 @@ from drafters.accept import sample_accept
 from drafters.base import DraftRequest
 from drafters.swift import SwiftDrafter, _Chain, candidates_for
 from drafters.swift_config import SwiftConfig
-from drafters.swift_search import SearchConfig, SkipSet
+from drafters.swift_search import SearchConfig
+from drafters.swift_skipset import SkipSet
 from kernels import ReferenceBackend, SeqAttention, build_metadata
 from server.engine.request import SamplingParams
 

@@ -7,7 +7,8 @@ import pytest
 
 from drafters.base import DraftRequest
 from drafters.swift_config import SwiftConfig
-from drafters.swift_search import SearchConfig, SkipSet
+from drafters.swift_search import SearchConfig
+from drafters.swift_skipset import SkipSet
 from drafters.train.distill import chat_prompt_ids
 from server.engine.request import SamplingParams
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from drafters.swift_search import LayerSearch, SearchConfig, SearchStore, SkipSet, matchness
+from drafters.swift_search import LayerSearch, SearchConfig, SearchStore, matchness
+from drafters.swift_skipset import SkipSet
 
 L = 10                                  # 16 skippable sub-layers; num_skip = int(16 * 0.45) = 7
 
