@@ -117,8 +117,9 @@ class Run:
     """One configuration: a drafter drafting for ``batch`` sequences, step by step."""
 
     def __init__(self, method: str, budget: int, drafter, seqs: list[tuple[list[int], torch.Tensor]],
-                 starts: list[int]):
+                 starts: list[int], weights: str = "float32"):
         self.method, self.budget, self.drafter, self.seqs, self.starts = method, budget, drafter, seqs, starts
+        self.weights = weights                              # dtype of the drafter's weight matrices
         self.steps: list[dict] = []
         self.reset()
 
@@ -175,7 +176,8 @@ class Run:
         plain = float(np.median([s["plain"] for s in self.steps]) * 1e3)
         tau = float(np.mean([len(u.fed_tokens) for s in self.steps for u in s["committed"]]))
         return {
-            "method": self.method, "budget": self.budget, "batch": len(self.seqs), "steps": len(self.steps),
+            "method": self.method, "weights": self.weights, "budget": self.budget, "batch": len(self.seqs),
+            "steps": len(self.steps),
             "draft_ms": total, "plain_step_ms": plain, "draft_over_plain": total / plain,
             "tau_greedy": tau, "mean_context": float(np.mean([s["context"] for s in self.steps])),
             "phases_ms": {p: float(np.median(v)) for p, v in phases.items()},
@@ -185,18 +187,20 @@ class Run:
         }
 
 
-def drafter_nets(target_model, methods: list[str]) -> dict:
-    """The shipped drafter networks (their checkpoints' truncated heads) on the target's embedding and head."""
+def drafter_nets(target_model, methods: list[str], weights: list[str]) -> dict:
+    """(method, weights) -> the shipped drafter network (its checkpoint's truncated head) on the target's
+    embedding and head, its weight matrices in ``weights`` (``EagleDrafter.cast_matrices``)."""
     loaders = {"eagle": load_checkpoint, "gumiho": load_gumiho_checkpoint}
-    return {m: loaders[m](shipped_drafter("default", m), target_model.embed_tokens, target_model.lm_head)
-            for m in methods}
+    return {(m, w): loaders[m](shipped_drafter("default", m), target_model.embed_tokens,
+                               target_model.lm_head).cast_matrices(getattr(torch, w))
+            for m in methods for w in weights}
 
 
-def make_drafter(nets: dict, method: str, budget: int, top_k: int, pruning: int):
+def make_drafter(net, method: str, budget: int, top_k: int, pruning: int):
     """The shipped configuration (default depth: eagle 5, gumiho 6; Gumiho ``mlp_top_k = pruning``)."""
     if method == "eagle":
-        return EagleTreeDrafter(nets[method], budget, None, top_k)
-    return GumihoTreeDrafter(nets[method], budget, None, top_k, pruning, pruning)
+        return EagleTreeDrafter(net, budget, None, top_k)
+    return GumihoTreeDrafter(net, budget, None, top_k, pruning, pruning)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -205,7 +209,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']}\nbudget {r['budget']}\nbatch {r['batch']}" for r in results]
+    labels = [f"{r['method']} {r['weights']}\nbudget {r['budget']}\nbatch {r['batch']}" for r in results]
     fig, ax = plt.subplots(figsize=(1.4 * len(results) + 3, 5))
     bottom = np.zeros(len(results))
     for phase in PHASES:
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results/draft_cost.json")
     p.add_argument("--methods", nargs="+", default=["eagle", "gumiho"], choices=["eagle", "gumiho"])
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16])
+    p.add_argument("--weights", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="dtypes of the drafters' weight matrices to compare (activations stay fp32)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     p.add_argument("--top-k", type=int, default=4, help="frontier width (the shipped config: 4)")
     p.add_argument("--pruning", type=int, default=8, help="Gumiho MLP-stage width (the shipped config: 8)")
@@ -248,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     target = Target(model, max(len(x) for x in prompts) + args.new_tokens + 1)
     with torch.inference_mode():
         seqs = [target.continue_greedy(x, args.new_tokens) for x in prompts]
-    nets = drafter_nets(model, args.methods)
+    nets = drafter_nets(model, args.methods, args.weights)
     starts = [len(x) + args.start for x in prompts]
-    runs = [Run(method, budget, make_drafter(nets, method, budget, args.top_k, args.pruning), seqs[:batch],
-                starts[:batch])
-            for method in args.methods for budget in args.budgets for batch in args.batches]
+    runs = [Run(method, budget, make_drafter(nets[method, w], method, budget, args.top_k, args.pruning),
+                seqs[:batch], starts[:batch], w)
+            for method in args.methods for budget in args.budgets for batch in args.batches for w in args.weights]
     recorder = Recorder()
     for owner, method, phase in ((EagleTreeDrafter, "context_pass", "context"), (EagleTreeDrafter, "trees", "rerank"),
                                  (Expansion, "forward", "forward"), (Expansion, "head", "head"),
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(report, indent=2))
     plot(results, out.with_suffix(".png"))
     for r in results:
-        print(f"{r['method']:6s} budget {r['budget']:2d} batch {r['batch']}: draft {r['draft_ms']:.2f} ms, plain step "
+        print(f"{r['method']:6s} {r['weights']:8s} budget {r['budget']:2d} batch {r['batch']}: draft {r['draft_ms']:.2f} ms, plain step "
               f"{r['plain_step_ms']:.2f} ms ({100 * r['draft_over_plain']:.0f}%), depths {r['depths_reached']}, "
               f"phases " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -43,7 +43,7 @@ class EagleTreeDrafter(Drafter):
         self.max_tree_tokens = total_tokens
         self.depth, self.top_k = depth or self.default_depth, top_k
         self.states: dict[str, _State] = {}
-        cfg, weight = model.config, model.fc.weight
+        cfg, weight = model.config, model.embed_weight                              # activations' dtype
         self.kv = DraftKV(cfg.num_hidden_layers * cfg.num_key_value_heads, cfg.head_dim, weight.dtype, weight.device)
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:

@@ -120,15 +120,25 @@ class EagleDrafter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` -> ``[..., K]`` (or ``[..., V]`` without a truncated head)."""
-        return linear(hidden, self.head_weight.to(hidden.dtype))
+        return linear(hidden, self.head_weight)
 
     def to_target_ids(self, head_ids: torch.Tensor) -> torch.Tensor:
         """Indices into ``logits``' last dim -> target vocabulary ids."""
         return head_ids if self.head_token_ids is None else self.head_token_ids[head_ids]
 
+    def cast_matrices(self, dtype: torch.dtype) -> EagleDrafter:
+        """Weight matrices (``fc``, the layers' projections, Gumiho's MLPs, the LM-head rows) in ``dtype``;
+        activations, norms, biases and the KV keep the target's dtype (``kernels.linear`` runs fp32
+        activations times bf16 matrices in bf16 on the CPU, reading half the bytes)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.to(dtype)
+        self.head_weight = self.head_weight.to(dtype)
+        return self
+
     def fuse(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``fc(cat([embed(x), f]))``: tokens ``[...]``, features ``[..., H]`` -> ``[..., H]``."""
-        dtype = self.fc.weight.dtype
+        dtype = self.embed_weight.dtype
         return self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drafters.base import Drafter
+
+if TYPE_CHECKING:
+    import torch
 
 Factory = Callable[..., Drafter | None]
 
@@ -38,12 +42,26 @@ def _checkpoint(cfg, method: str) -> Path:
     return Path(path)
 
 
+def draft_weight_dtype(option: str, target_weight) -> torch.dtype:
+    """The dtype of a drafter's weight matrices for ``--draft-weights`` (``auto``: bf16 for an fp32 target on a
+    CPU with native bf16 products, else the target's dtype)."""
+    import torch
+
+    from kernels.linear import bf16_supported
+
+    if option != "auto":
+        return getattr(torch, option)
+    cpu_fp32 = target_weight.dtype == torch.float32 and target_weight.device.type == "cpu"
+    return torch.bfloat16 if cpu_fp32 and bf16_supported() else target_weight.dtype
+
+
 def _eagle(cfg, target) -> Drafter:
     from drafters.eagle import EagleTreeDrafter
     from drafters.eagle_model import load_checkpoint
 
     path = _checkpoint(cfg, "eagle")
     net = load_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
+    net.cast_matrices(draft_weight_dtype(cfg.draft_weights, target.embed_tokens.weight))
     drafter = EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
     drafter.acceptance_profile = load_acceptance_profile(path)
     return drafter
@@ -55,6 +73,7 @@ def _gumiho(cfg, target) -> Drafter:
 
     path = _checkpoint(cfg, "gumiho")
     net = load_gumiho_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
+    net.cast_matrices(draft_weight_dtype(cfg.draft_weights, target.embed_tokens.weight))
     drafter = GumihoTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k,
                                 cfg.draft_pruning, cfg.draft_pruning)
     drafter.acceptance_profile = load_acceptance_profile(path)

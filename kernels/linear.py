@@ -47,8 +47,13 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in]`` -> ``[..., out]``."""
+    """``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype; a weight of another dtype is cast to it, except
+    that fp32 activations times bf16 weights on the CPU run in bf16 (``mixed_bf16``)."""
     rows = x.shape[:-1].numel()
+    if x.dtype != weight.dtype:
+        if x.dtype == torch.float32 and weight.dtype == torch.bfloat16 and not x.is_cuda:
+            return mixed_bf16(x, weight, bias)
+        weight = weight.to(x.dtype)
     if (x.is_cuda or x.dtype != torch.float32 or weight.dtype != torch.float32 or rows == 0
             or rows > PACKED_MAX_ROWS or torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
@@ -60,6 +65,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     else:
         y = F.linear(flat, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def mixed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``x [..., in]`` times bf16 ``weight [out, in]`` -> fp32 ``[..., out]``: the product runs in bf16
+    (fp32 accumulation) on the prepacked oneDNN weight, reading half the bytes of an fp32 one; the bias is
+    added in fp32. For the drafters' weights on CPUs with native bf16 (``bf16_supported``)."""
+    rows = x.shape[:-1].numel()
+    flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)                        # [m, in]
+    if _ONEDNN and 0 < rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), None, "none", [], "")  # [m, out]
+    else:
+        y = F.linear(flat, weight)
+    y = y.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def bf16_supported() -> bool:
+    """True where oneDNN runs bf16 products natively (AVX512-BF16 / AMX CPUs)."""
+    return _ONEDNN and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

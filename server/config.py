@@ -75,6 +75,11 @@ class ServerConfig(BaseModel):
                                                             "(mlptopk = pruning)")
     draft_head_vocab: int | None = Field(None, ge=0, description="EAGLE head: K most frequent tokens (FR-Spec); "
                                                                 "0 = full vocabulary; default: the checkpoint's")
+    draft_weights: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="EAGLE, Gumiho, hybrid: dtype of the drafter's weight matrices (auto: bfloat16 when "
+                            "the target runs fp32 on a CPU with native bf16 products, which halves the bytes "
+                            "each drafting forward reads; activations and KV keep the target's dtype; else the "
+                            "target's dtype). Drafts change by rounding only: output stays lossless")
     calibrate_tree: bool = Field(True, description="At start-up, time verify and drafting cost against batch size "
                                                   "and tree size and pick, for every number of running requests, "
                                                   "the budget (0 .. max_draft_tokens) with the best tokens per "

@@ -43,6 +43,42 @@ def test_random_eagle_drafter_is_lossless(tiny_eagle, batch):
     assert_drafter_lossless(hf, target, EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3), batch, seed=2)
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bf16_weight_matrices_draft_close_to_fp32_and_stay_lossless(tiny_eagle, batch):
+    import copy
+
+    hf, target, net = tiny_eagle
+    half = copy.deepcopy(net).cast_matrices(torch.bfloat16)
+    assert half.fc.weight.dtype == half.head_weight.dtype == torch.bfloat16
+    assert half.embed_weight.dtype == torch.float32 and all(
+        p.dtype == torch.float32 for n, p in half.named_parameters() if "norm" in n or n.endswith("bias"))
+    tokens, feats = torch.tensor([[5, 6, 7]]), torch.randn(1, 3, 64)
+    with torch.inference_mode():
+        hidden, kv = half(tokens, feats, torch.arange(3)[None])
+        ref, _ = net(tokens, feats, torch.arange(3)[None])
+        assert hidden.dtype == kv[0].dtype == torch.float32                  # activations and KV stay fp32
+        diff = half.logits(hidden) - net.logits(ref)                      # [1, 3, V]
+        assert diff.norm() < 0.02 * net.logits(ref).norm()                # bf16 rounding, not a different net
+    drafter = EagleTreeDrafter(half, total_tokens=8, depth=3, top_k=3)
+    assert drafter.kv.keys.dtype == torch.float32
+    assert_drafter_lossless(hf, target, drafter, batch, seed=2)
+
+
+def test_draft_weight_option(monkeypatch):
+    from drafters import registry
+    from kernels import linear as linear_module
+
+    cpu32, cpu16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    assert registry.draft_weight_dtype("float32", cpu16) == torch.float32
+    assert registry.draft_weight_dtype("bfloat16", cpu32) == torch.bfloat16
+    monkeypatch.setattr(linear_module, "bf16_supported", lambda: True)
+    assert registry.draft_weight_dtype("auto", cpu32) == torch.bfloat16
+    assert registry.draft_weight_dtype("auto", cpu16) == torch.bfloat16     # the target's own dtype
+    assert registry.draft_weight_dtype("auto", torch.zeros(1, dtype=torch.float16)) == torch.float16
+    monkeypatch.setattr(linear_module, "bf16_supported", lambda: False)
+    assert registry.draft_weight_dtype("auto", cpu32) == torch.float32
+
+
 def test_head_vocab_override_uses_shipped_frequencies(tiny_eagle, tmp_path):
     from drafters.eagle_model import FREQ_FILE, load_checkpoint, save_checkpoint
 

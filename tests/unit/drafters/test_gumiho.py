@@ -107,9 +107,14 @@ def test_batched_expansion_equals_one_by_one(tiny):
         lambda: GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=3, mlp_top_k=4, pruning=4), contexts, 12)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_random_gumiho_drafter_is_lossless(tiny, batch):
+def test_random_gumiho_drafter_is_lossless(tiny, batch, weights):
+    import copy
+
     hf, target, net = tiny
+    net = copy.deepcopy(net).cast_matrices(weights)                     # bf16: the MLP heads' matrices too
+    assert all(m.linear.weight.dtype == weights for m in net.modules() if hasattr(m, "linear"))
     drafter = GumihoTreeDrafter(net, total_tokens=10, depth=6, top_k=3, mlp_top_k=3, pruning=3)
     assert_drafter_lossless(hf, target, drafter, batch, seed=3)
 

@@ -28,6 +28,24 @@ def test_matches_f_linear(rows, bias, onednn, monkeypatch):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 4, PACKED_MAX_ROWS + 1])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fp32_activations_times_bf16_weights(rows, onednn, monkeypatch):
+    if onednn and not linear_module.onednn_available():
+        pytest.skip("oneDNN not in this torch build")
+    monkeypatch.setattr(linear_module, "_ONEDNN", onednn)
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(2, rows, 96, generator=g), torch.randn(80, 96, generator=g).bfloat16(), torch.randn(80)
+    with torch.inference_mode():
+        y = linear(x, w, b)                                                   # [2, rows, 80]
+        exact = F.linear(x.bfloat16().float(), w.float(), b)                  # bf16 inputs, fp32 arithmetic
+        assert y.dtype == torch.float32 and y.shape == (2, rows, 80)
+        torch.testing.assert_close(y, exact, atol=0.05, rtol=0.01)          # bf16 output rounding at most
+        half = linear(x.bfloat16(), w.float())                                # other mixes: weight cast to x's dtype
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half, F.linear(x.bfloat16(), w))
+
+
 @pytest.mark.skipif(not linear_module.onednn_available(), reason="oneDNN not in this torch build")
 def test_packed_weight_follows_changes_and_lifetime():
     x = torch.randn(3, 16)
