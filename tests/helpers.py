@@ -164,11 +164,11 @@ def word_records(n: int) -> list[dict]:
 
 def tiny_features(work, records: list[dict], shard_size: int, cfg: dict):
     """Drafter-training features of ``records`` under a random tiny target of ``cfg``: (HF model, meta)."""
-    from drafters.train.features import extract_features
+    from drafters.train.features import chunk_records, extract_features
 
     model = hf_model_from(cfg)
     run = {"model": "tiny", "data": "mem", "limit": None, "max_len": 48, "seed": 0, "shard_size": shard_size}
-    meta = extract_features(model, ChatByteTokenizer(), records, work, run, shard_size, 48, 256)
+    meta = extract_features(model, ChatByteTokenizer(), chunk_records(records, shard_size), work, run, 48, 256)
     return model, meta
 
 

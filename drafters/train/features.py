@@ -2,9 +2,12 @@
 
 Each record (``prompt``, ``response``) is rendered with the target's chat template, tokenised,
 truncated to ``max_len`` and run through the target. ``--data`` may also be a self-distillation
-folder (``drafters/train/distill.py``): its records are token ids already, the target's own answers. The last hidden state (post final RMSNorm,
-the EAGLE feature) is stored per token. Records are shuffled with ``seed``, split into shards
-of ``shard_size`` records and written as ``shard_00000.pt`` dicts::
+folder (``drafters/train/distill.py``): its records are token ids already, the target's own answers.
+The last hidden state (post final RMSNorm, the EAGLE feature) is stored per token. JSONL records are
+shuffled with ``seed`` and split into shards of ``shard_size`` records; a distillation folder's
+records keep its shards (already shuffled by ``treespec distill``), one feature shard per
+distillation shard, so a folder that grew since its extraction only adds feature shards. Shards are
+written as ``shard_00000.pt`` dicts::
 
     input_ids  int32 [N]       features  fp16 [N, H]      loss_mask  bool [N] (assistant tokens)
     offsets    int64 [R + 1]   record_ids list[str]
@@ -185,8 +188,9 @@ def split_shards(work: str | Path, val_shards: int) -> tuple[list[Path], list[Pa
     return train, held
 
 
-def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
-    """True when ``work`` holds a finished extraction of ``run``; raises if it holds another run's."""
+def features_complete(work: str | Path, run: dict[str, Any], num_shards: int | None = None) -> bool:
+    """True when ``work`` holds a finished extraction of ``run`` (of ``num_shards`` shards, when given);
+    raises if it holds another run's."""
     meta_file = Path(work) / META_FILE
     if not meta_file.is_file():
         return False
@@ -200,7 +204,7 @@ def features_complete(work: str | Path, run: dict[str, Any]) -> bool:
     differs = {k: (old.get(k), run[k]) for k in run if not same(k)}
     if differs:
         raise ValueError(f"{work} holds features of another run {differs}; use a new work dir")
-    return bool(old.get("complete"))
+    return bool(old.get("complete")) and num_shards in (None, old.get("num_shards"))
 
 
 def token_frequencies(work: str | Path, vocab_size: int) -> torch.Tensor:
@@ -212,27 +216,50 @@ def token_frequencies(work: str | Path, vocab_size: int) -> torch.Tensor:
     return counts
 
 
-def extract_features(model: Any, tokenizer: Any, records: list[dict[str, Any]], work: str | Path,
-                     run: dict[str, Any], shard_size: int = 250, max_len: int = 512,
-                     batch_tokens: int = 4096) -> dict[str, Any]:
-    """Write every missing shard of ``records`` under ``work``, then the token counts; returns the meta."""
+def chunk_records(records: list[dict[str, Any]], shard_size: int) -> list[list[dict[str, Any]]]:
+    """``records`` in consecutive shards of ``shard_size``."""
+    return [records[s:s + shard_size] for s in range(0, len(records), shard_size)]
+
+
+def feature_chunks(data: str | Path, limit: int | None, seed: int, shard_size: int) -> list[list[dict[str, Any]]]:
+    """The records of each feature shard of ``data``: one shard per shard of a distillation folder, in
+    order (the first ``limit`` records), else the shuffled JSONL records in shards of ``shard_size``."""
+    if not is_distilled(data):
+        return chunk_records(load_records(data, limit, seed), shard_size)
+    from drafters.train.distill import distill_shards
+
+    paths = [path for folder in data_folders(data) for path in distill_shards(folder)]
+    if not paths:
+        raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {data}")
+    chunks, left = [], limit or None
+    for path in paths:
+        records = shard_records(path)[:left]
+        if left is not None:
+            left -= len(records)
+        if records:
+            chunks.append(records)
+    return chunks
+
+
+def extract_features(model: Any, tokenizer: Any, chunks: list[list[dict[str, Any]]], work: str | Path,
+                     run: dict[str, Any], max_len: int = 512, batch_tokens: int = 4096) -> dict[str, Any]:
+    """Write every missing shard (``chunks[i]`` -> ``shard_{i}.pt``) under ``work``, then the token counts;
+    returns the meta."""
     out = Path(work)
     out.mkdir(parents=True, exist_ok=True)
     features_complete(out, run)
     (out / META_FILE).write_text(json.dumps({**run, "complete": False}, indent=2))
-    check_post_norm(model, tokenize_record(tokenizer, records[0], max_len)[0])
-    starts = range(0, len(records), shard_size)
-    todo = [s for s in starts if not (out / f"shard_{s // shard_size:05d}.pt").is_file()]
-    with tqdm(total=sum(len(records[s:s + shard_size]) for s in todo), desc="features", unit="rec") as bar:
-        for start in todo:
-            chunk = records[start:start + shard_size]
-            shard = extract_shard(model, tokenizer, chunk, max_len, batch_tokens, bar)
-            path = out / f"shard_{start // shard_size:05d}.pt"
+    check_post_norm(model, tokenize_record(tokenizer, chunks[0][0], max_len)[0])
+    todo = [i for i in range(len(chunks)) if not (out / f"shard_{i:05d}.pt").is_file()]
+    with tqdm(total=sum(len(chunks[i]) for i in todo), desc="features", unit="rec") as bar:
+        for i in todo:
+            shard = extract_shard(model, tokenizer, chunks[i], max_len, batch_tokens, bar)
+            path = out / f"shard_{i:05d}.pt"
             torch.save(shard, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
     counts = token_frequencies(out, model.config.vocab_size)
     torch.save(counts, out / FREQ_FILE)
-    meta = {**run, "complete": True, "num_records": len(records), "num_shards": len(starts),
+    meta = {**run, "complete": True, "num_records": sum(map(len, chunks)), "num_shards": len(chunks),
             "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "assistant_tokens": int(counts.sum())}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -241,15 +268,14 @@ def extract_features(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
 
 def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len: int, seed: int,
             shard_size: int) -> dict[str, Any]:
-    """The settings that identify an extraction (a rerun must match them to resume); for a distillation
-    folder (or several, comma-joined) also the shard count, so features follow when more shards are generated."""
-    key = {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
-           "shard_size": shard_size}
+    """The settings that identify an extraction (a rerun must match them to resume or extend it). A
+    distillation folder's features follow its shards (``seed`` and ``shard_size`` do not apply), so one
+    that grew is extended, not re-extracted."""
     if is_distilled(data):
-        from drafters.train.distill import distill_shards
-
-        key["data_shards"] = sum(len(distill_shards(folder)) for folder in data_folders(data))
-    return key
+        return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len,
+                "layout": "one feature shard per distillation shard"}
+    return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
+            "shard_size": shard_size}
 
 
 def feature_parts(data: str | Path, work: str | Path) -> list[tuple[str | Path, Path]]:
@@ -274,12 +300,12 @@ def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str 
     metas = []
     for part, folder in parts:
         run = run_key(model_dir, part, limit, max_len, seed, shard_size)
-        if features_complete(folder, run):
+        chunks = feature_chunks(part, limit, seed, shard_size)
+        if features_complete(folder, run, len(chunks)):
             log.info("using the features in %s", folder)
         else:
             target = target or load_target()
-            records = load_records(part, limit, seed)
-            extract_features(*target, records, folder, run, shard_size, max_len, batch_tokens)
+            extract_features(*target, chunks, folder, run, max_len, batch_tokens)
         metas.append(json.loads((folder / META_FILE).read_text()))
     if len(parts) == 1:
         return metas[0]
@@ -317,7 +343,8 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="JSONL with prompt/response records, or distillation folders (several joined by commas)")
     parser.add_argument("--work", required=True, help="folder for feature shards")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N records (after shuffling)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use the first N records (JSONL: after shuffling; distillation: in shard order)")
     parser.add_argument("--max-len", type=int, default=512, help="truncate sequences to N tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=250, help="records per shard")

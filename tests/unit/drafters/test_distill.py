@@ -7,14 +7,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from drafters.train.distill import chat_prompt_ids, distill, distill_shards, is_sampled
 from drafters.train.features import (
     FREQ_FILE,
+    feature_chunks,
     load_records,
     prepare_features,
     run_key,
     shard_groups,
+    shard_records,
     split_shards,
     tokenize_record,
 )
@@ -105,7 +108,11 @@ def test_distilled_folder_is_training_data(tmp_path, models):
     ids, mask = tokenize_record(None, records[0], max_len=1000)
     assert ids == records[0]["input_ids"]
     assert sum(mask) == MAX_NEW and not any(mask[:records[0]["prompt_len"]])
-    assert run_key("m", out, None, 512, 0, 250)["data_shards"] == 3
+    chunks = feature_chunks(out, None, seed=0, shard_size=250)      # one feature shard per distillation shard
+    assert [len(c) for c in chunks] == [4, 4, 1] and [r["id"] for c in chunks for r in c] == [
+        r["id"] for path in distill_shards(out) for r in shard_records(path)]
+    assert [len(c) for c in feature_chunks(out, 6, seed=0, shard_size=250)] == [4, 2]
+    assert run_key("m", out, None, 512, 0, 250) == run_key("m", out, None, 512, 1, 100)   # seed, size: unused
 
 
 def test_several_distilled_folders_train_together(tmp_path, models):
@@ -116,7 +123,7 @@ def test_several_distilled_folders_train_together(tmp_path, models):
     _run(models, data, tmp_path / "b", limit=8)
     both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
     assert len(load_records(both, None, seed=0)) == 9 + 8
-    assert run_key("m", both, None, 512, 0, 250)["data_shards"] == 3 + 2
+    assert [len(c) for c in feature_chunks(both, None, 0, 250)] == [4, 4, 1, 4, 4]
     train, held = split_records(both, 1)
     assert (len(train), len(held)) == (8 + 4, 1 + 4)       # each folder's last shard held out (4 4 1 / 4 4)
     with pytest.raises(FileNotFoundError):
@@ -124,8 +131,6 @@ def test_several_distilled_folders_train_together(tmp_path, models):
 
 
 def test_several_folders_extract_part_by_part(tmp_path, models):
-    import torch
-
     data, work, loads = _data(tmp_path), tmp_path / "work", []
     for name, limit in (("a", None), ("b", 8), ("c", 4)):
         _run(models, data, tmp_path / name, limit=limit)
@@ -155,3 +160,30 @@ def test_several_folders_extract_part_by_part(tmp_path, models):
     (tmp_path / "a").rename(tmp_path / "x" / "a")
     with pytest.raises(ValueError, match="distinct names"):
         prepare_features(load_target, "m", f"{tmp_path / 'x' / 'a'},{tmp_path / 'x' / 'a'}", work)
+
+
+def test_a_grown_distillation_folder_only_adds_feature_shards(tmp_path, models):
+    data, work, loads = _data(tmp_path), tmp_path / "work", []
+    _run(models, data, tmp_path / "a")
+    _run(models, data, tmp_path / "b", limit=4)
+
+    def load_target():
+        loads.append(1)
+        return models[0], ChatByteTokenizer()
+
+    both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    prepare_features(load_target, "m", both, work, max_len=48, shard_size=4, batch_tokens=256)
+    assert [len(g) for g in shard_groups(work)] == [3, 1] and len(loads) == 1
+    kept = {p: p.stat().st_mtime_ns for p in work.glob("*/shard_*.pt")}
+    _run(models, data, tmp_path / "b", limit=8)                    # the distillation goes on: shard 1 of b
+    meta = prepare_features(load_target, "m", both, work, max_len=48, shard_size=4, batch_tokens=256)
+    assert (meta["num_records"], meta["num_shards"], len(loads)) == (9 + 8, 3 + 2, 2)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept         # earlier shards untouched
+    new = torch.load(work / "b" / "shard_00001.pt", weights_only=False)
+    assert new["record_ids"] == [r["id"] for r in shard_records(distill_shards(tmp_path / "b")[1])]
+    assert [p.relative_to(work).as_posix() for p in split_shards(work, 1)[1]] == [
+        "a/shard_00002.pt", "b/shard_00001.pt"]                    # the held-out shard moves to the new last one
+    prepare_features(load_target, "m", both, work, max_len=48, shard_size=4, batch_tokens=256)
+    assert len(loads) == 2                                         # complete again: nothing extracted
+    with pytest.raises(ValueError, match="another run"):
+        prepare_features(load_target, "m", both, work, max_len=64, shard_size=4, batch_tokens=256)
