@@ -30,6 +30,7 @@ def onednn_available() -> bool:
 
 
 _ONEDNN = onednn_available()
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()   # bf16 kernels (native or emulated)
 _packed: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}  # id -> (weight, data_ptr, _version, packed)
 
 
@@ -73,7 +74,7 @@ def mixed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     added in fp32. For the drafters' weights on CPUs with native bf16 (``bf16_supported``)."""
     rows = x.shape[:-1].numel()
     flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)                        # [m, in]
-    if _ONEDNN and 0 < rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
+    if _ONEDNN_BF16 and 0 < rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
         y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), None, "none", [], "")  # [m, out]
     else:
         y = F.linear(flat, weight)
@@ -85,7 +86,7 @@ def mixed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 def bf16_supported() -> bool:
     """True where oneDNN runs bf16 products natively (AVX512-BF16 / AMX CPUs)."""
-    return _ONEDNN and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return _ONEDNN_BF16 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
