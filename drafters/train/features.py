@@ -60,25 +60,25 @@ def shard_records(path: Path) -> list[dict[str, Any]]:
                 for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"]))]
 
 
-def distilled_records(data: str | Path) -> list[dict[str, Any]]:
-    """Records of one or more (comma-joined) distillation folders, folder by folder in shard order."""
+def distilled_shards(data: str | Path) -> list[list[dict[str, Any]]]:
+    """Records of one or more (comma-joined) distillation folders, one list per shard, folder by folder in
+    shard order."""
     from drafters.train.distill import distill_shards
 
-    records = []
+    shards = []
     for folder in data_folders(data):
-        shards = distill_shards(folder)
-        if not shards:
+        paths = distill_shards(folder)
+        if not paths:
             raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {folder}")
-        for path in shards:
-            records += shard_records(path)
-    return records
+        shards += [shard_records(path) for path in paths]
+    return shards
 
 
 def load_records(path: str | Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
     """Records of a JSONL file (``id``, ``prompt``, ``response``) or of distillation folders (comma-joined),
     shuffled by ``seed``, first ``limit``."""
     if is_distilled(path):
-        records = distilled_records(path)
+        records = [record for shard in distilled_shards(path) for record in shard]
     else:
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -226,14 +226,9 @@ def feature_chunks(data: str | Path, limit: int | None, seed: int, shard_size: i
     order (the first ``limit`` records), else the shuffled JSONL records in shards of ``shard_size``."""
     if not is_distilled(data):
         return chunk_records(load_records(data, limit, seed), shard_size)
-    from drafters.train.distill import distill_shards
-
-    paths = [path for folder in data_folders(data) for path in distill_shards(folder)]
-    if not paths:
-        raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {data}")
     chunks, left = [], limit or None
-    for path in paths:
-        records = shard_records(path)[:left]
+    for shard in distilled_shards(data):
+        records = shard[:left]
         if left is not None:
             left -= len(records)
         if records:
