@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+import yaml
+
 from server.config import ServerConfig, add_config_flags, config_from_args
 
 SHUTDOWN_GRACE_S = 5  # after the drain: uvicorn's wait for the last responses to be written
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg = config_from_args(args)
-    except Exception as exc:
+    except (OSError, TypeError, ValueError, yaml.YAMLError) as exc:   # missing preset, bad YAML, invalid options
         parser.error(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":

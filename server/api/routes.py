@@ -189,6 +189,6 @@ async def stream(st: ServingState, body, jobs: list[Job], rid: str, chat: bool) 
             yield sse(envelope(kind, rid, st.model_name, created, [], total_usage(jobs, finals, body.n)))
     except APIError as exc:  # timeout, shutdown
         yield sse(exc.body)
-    except Exception as exc:  # engine failure mid-stream: tell the client, then end the stream
+    except Exception as exc:  # noqa: BLE001 - engine failure mid-stream: tell the client, then end the stream
         yield sse(error_body(f"generation failed: {exc}", "server_error", code="internal_error"))
     yield sse("[DONE]")

@@ -161,7 +161,7 @@ async def run_jobs(engine: AsyncEngine, base_id: str, jobs: list[Job], timeout: 
         try:
             async for out in engine.generate(f"{base_id}-{job.index}", job.prompt_ids, job.params):
                 queue.put_nowait((job.index, out))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the request's consumer, which reports it
             queue.put_nowait((job.index, exc))
 
     tasks = [asyncio.create_task(pump(j)) for j in jobs]

@@ -136,7 +136,7 @@ class AsyncEngine:
                 _, rid, ids, params = msg
                 try:
                     self.engine.add_request(rid, ids, params)
-                except Exception as exc:  # validated by the API already; report, don't die
+                except Exception as exc:  # noqa: BLE001 - validated by the API already; report, don't die
                     self._deliver(rid, exc)
             elif self.engine.abort(msg[1]) is not None and self.on_stats is not None:
                 self.on_stats(self.engine.idle_stats(finished_reasons=["abort"]))
