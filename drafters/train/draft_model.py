@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from drafters.train.distill import distill_shards
-from drafters.train.features import data_folders, length_batches, shard_records
+from drafters.train.features import data_folders, hold_out_last, length_batches, shard_records
 from kernels import SeqAttention, get_backend
 from server.models.llama import LlamaConfig, LlamaModel
 
@@ -221,14 +221,12 @@ def forward_ms(model: LlamaModel, context: int = 256, new: tuple[int, ...] = (1,
 def split_records(data: str | Path, val_shards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training and held-out records: the last ``val_shards`` shards of each distillation folder (one, or
     several comma-joined) are held out."""
-    train, held = [], []
-    for folder in data_folders(data):
-        shards = distill_shards(folder)
+    groups = [distill_shards(folder) for folder in data_folders(data)]
+    for folder, shards in zip(data_folders(data), groups):
         if len(shards) <= val_shards:
             raise ValueError(f"{folder}: {len(shards)} shard(s), cannot hold out {val_shards}")
-        for i, path in enumerate(shards):
-            (train if i < len(shards) - val_shards else held).extend(shard_records(path))
-    return train, held
+    train, held = hold_out_last(groups, val_shards)
+    return [r for path in train for r in shard_records(path)], [r for path in held for r in shard_records(path)]
 
 
 def train_draft_model(data: str | Path, out: str | Path, target_config: dict[str, Any],

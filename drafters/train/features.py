@@ -178,14 +178,19 @@ def held_out_shards(work: str | Path, val_shards: int) -> list[Path]:
     return [p for group in shard_groups(work) for p in group[len(group) - min(val_shards, len(group)):]]
 
 
-def split_shards(work: str | Path, val_shards: int) -> tuple[list[Path], list[Path]]:
-    """(training, held-out) shards: each part holds out its last ``val_shards`` when it has more than that."""
+def hold_out_last(groups: list[list[Path]], val_shards: int) -> tuple[list[Path], list[Path]]:
+    """(training, held-out) shards: each group holds out its last ``val_shards`` when it has more than that."""
     train: list[Path] = []
     held: list[Path] = []
-    for group in shard_groups(work):
+    for group in groups:
         n = len(group) - (val_shards if len(group) > val_shards else 0)
         train, held = train + group[:n], held + group[n:]
     return train, held
+
+
+def split_shards(work: str | Path, val_shards: int) -> tuple[list[Path], list[Path]]:
+    """(training, held-out) feature shards: each part of ``work`` holds out its last ``val_shards``."""
+    return hold_out_last(shard_groups(work), val_shards)
 
 
 def features_complete(work: str | Path, run: dict[str, Any], num_shards: int | None = None) -> bool:
