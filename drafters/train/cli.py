@@ -52,6 +52,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                         "features (EAGLE-3's training-time test); 1 = EAGLE-1/2 training")
     g.add_argument("--resume", action="store_true", help="continue from the saved training state")
     g.add_argument("--init", default=None, help="start from this drafter checkpoint folder (warm start)")
+    g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the saved checkpoint weights (every method)")
     g.add_argument("--state", default=None, help="training state file (default: <work>/<method>_train_state.pt)")
     g = parser.add_argument_group("gumiho")
     g.add_argument("--mlp-num", type=int, default=5, help="parallel MLP heads")
@@ -60,8 +62,6 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-init", choices=["prefix", "fresh"], default="prefix",
                    help="the target's first --draft-layers layers (fine-tuned) or fresh ones")
     g.add_argument("--draft-layers", type=int, default=2, help="decoder layers of the draft model")
-    g.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="dtype of the saved checkpoint weights")
     g = parser.add_argument_group("medusa")
     g.add_argument("--medusa-heads", type=int, default=4, help="heads (head i drafts the token i + 1 after the root)")
     g.add_argument("--medusa-layers", type=int, default=1, help="residual blocks per head")
@@ -102,7 +102,7 @@ def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any
     """Run ``drafters.train.eagle.train_eagle`` with the command-line settings."""
     from drafters.train.eagle import train_eagle
 
-    return train_eagle(train_config(args), target_config, embed, lm_head)
+    return train_eagle(train_config(args), target_config, embed, lm_head, getattr(torch, args.save_dtype))
 
 
 def train_gumiho_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,

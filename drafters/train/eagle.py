@@ -27,7 +27,12 @@ def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
 
 
 class EagleRecipe(Recipe):
+    """EAGLE drafters, saved in ``save_dtype``."""
+
     method = "eagle"
+
+    def __init__(self, save_dtype: torch.dtype = torch.float32):
+        self.save_dtype = save_dtype
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> EagleDrafter:
@@ -58,10 +63,10 @@ class EagleRecipe(Recipe):
                 **depth, "tokens": steps[0]["tokens"]}, drafted
 
     def save(self, out: Path, drafter: EagleDrafter, extra: dict[str, Any]) -> None:
-        save_checkpoint(out, drafter, drafter.config, extra)
+        save_checkpoint(out, drafter, drafter.config, extra, self.save_dtype)
 
 
 def train_eagle(cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
-                lm_head_weight: torch.Tensor) -> dict[str, Any]:
+                lm_head_weight: torch.Tensor, save_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train (or resume) an EAGLE drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
-    return train_drafter(EagleRecipe(), cfg, target_config, embed_weight, lm_head_weight)
+    return train_drafter(EagleRecipe(save_dtype), cfg, target_config, embed_weight, lm_head_weight)

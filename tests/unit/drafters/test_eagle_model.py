@@ -197,5 +197,8 @@ def test_training_reduces_loss_and_resumes(tmp_path):
     loaded = load_checkpoint(tmp_path / "out", embed, embed)
     assert loaded.head_token_ids.shape == (64,)
     more = TrainConfig(**{**cfg.__dict__, "epochs": 22, "resume": True})
-    resumed = train_eagle(more, target_cfg(), embed, embed)
+    resumed = train_eagle(more, target_cfg(), embed, embed, save_dtype=torch.float16)   # --save-dtype float16
     assert resumed["steps"] == 44
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert saved["fc.weight"].dtype == torch.float16 and saved["head_token_ids"].dtype == torch.int64
+    assert load_checkpoint(tmp_path / "out", embed, embed).fc.weight.dtype == torch.float32
