@@ -92,7 +92,9 @@ def plot(results: dict[str, list[float]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", required=True, help="feature folder (drafters/train/features.py)")
+    parser.add_argument("--work", required=True,
+                        help="feature folder (drafters/train/features.py); a part's subfolder evaluates that part "
+                             "alone")
     parser.add_argument("--drafter", action="append", required=True, metavar="METHOD=PATH",
                         help="eagle=, gumiho= or medusa=<checkpoint>; repeatable (NAME:METHOD=PATH names it)")
     parser.add_argument("--val-shards", type=int, default=1,
