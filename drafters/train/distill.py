@@ -185,9 +185,8 @@ def distill(engine: Any, data: str | Path, out: str | Path, *, seed: int = 0, sh
     meta.setdefault("runs", []).append(run_log)
     t0 = time.monotonic()
     with tqdm(total=len(todo) * shard_size, desc="distill", unit="rec") as bar:
-        while queue or engine.has_unfinished():
-            past_deadline = deadline is not None and time.monotonic() > deadline
-            if queue and not engine.scheduler.waiting and not past_deadline:
+        while engine.has_unfinished() or (queue and not past(deadline)):   # past the deadline: finish, stop
+            if queue and not engine.scheduler.waiting and not past(deadline):
                 submit(queue.pop(0))
             outputs, stats = engine.step()
             for o in outputs:
@@ -209,6 +208,10 @@ def distill(engine: Any, data: str | Path, out: str | Path, *, seed: int = 0, sh
     meta["summary"] = summary
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return summary
+
+
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 def add_distill_flags(parser: argparse.ArgumentParser) -> None:

@@ -85,6 +85,13 @@ def test_shards_hold_the_targets_own_answers(tmp_path, models):
     assert 0 < summary["sampled"] < 9
 
 
+def test_a_passed_time_budget_finishes_what_is_in_flight_and_returns(tmp_path, models):
+    data, out = _data(tmp_path), tmp_path / "distill"
+    summary = _run(models, data, out, max_minutes=1e-9)           # past the deadline before the first step
+    assert summary["shards"] == 0 and distill_shards(out) == []
+    assert json.loads((out / "meta.json").read_text())["summary"] == summary
+
+
 def test_rerun_resumes_and_reproduces(tmp_path, models):
     data, out = _data(tmp_path), tmp_path / "distill"
     _run(models, data, out, max_shards=2)
