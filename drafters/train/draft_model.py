@@ -221,8 +221,9 @@ def forward_ms(model: LlamaModel, context: int = 256, new: tuple[int, ...] = (1,
 def split_records(data: str | Path, val_shards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training and held-out records: the last ``val_shards`` shards of each distillation folder (one, or
     several comma-joined) are held out."""
-    groups = [distill_shards(folder) for folder in data_folders(data)]
-    for folder, shards in zip(data_folders(data), groups):
+    folders = data_folders(data)
+    groups = [distill_shards(folder) for folder in folders]
+    for folder, shards in zip(folders, groups):
         if len(shards) <= val_shards:
             raise ValueError(f"{folder}: {len(shards)} shard(s), cannot hold out {val_shards}")
     train, held = hold_out_last(groups, val_shards)
