@@ -27,12 +27,9 @@ def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
 
 
 class EagleRecipe(Recipe):
-    """EAGLE drafters, saved in ``save_dtype``."""
+    """EAGLE drafters."""
 
     method = "eagle"
-
-    def __init__(self, save_dtype: torch.dtype = torch.float32):
-        self.save_dtype = save_dtype
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> EagleDrafter:

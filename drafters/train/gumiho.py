@@ -24,12 +24,13 @@ MLP_LOSS_WEIGHT = 9.0
 
 
 class GumihoRecipe(Recipe):
-    """Gumiho drafters with ``mlp_num`` heads of ``mlp_res_blocks`` residual blocks, saved in ``save_dtype``."""
+    """Gumiho drafters with ``mlp_num`` heads of ``mlp_res_blocks`` residual blocks."""
 
     method = "gumiho"
 
     def __init__(self, mlp_num: int, mlp_res_blocks: int, save_dtype: torch.dtype = torch.float32):
-        self.mlp_num, self.mlp_res_blocks, self.save_dtype = mlp_num, mlp_res_blocks, save_dtype
+        super().__init__(save_dtype)
+        self.mlp_num, self.mlp_res_blocks = mlp_num, mlp_res_blocks
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> GumihoDrafter:

@@ -123,9 +123,12 @@ def epoch_batches(data: ShardRecords, batch_size: int, seed: int, epoch: int) ->
 
 
 class Recipe(ABC):
-    """How one drafter method is built, scored on a batch and saved."""
+    """How one drafter method is built, scored on a batch and saved (weights cast to ``save_dtype``)."""
 
     method: str = "base"
+
+    def __init__(self, save_dtype: torch.dtype = torch.float32):
+        self.save_dtype = save_dtype
 
     @abstractmethod
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,

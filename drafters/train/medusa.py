@@ -36,8 +36,9 @@ class MedusaRecipe(Recipe):
 
     def __init__(self, num_heads: int = 4, num_layers: int = 1, trained_head: bool = False, decay: float = 0.8,
                  save_dtype: torch.dtype = torch.float16):
+        super().__init__(save_dtype)
         self.spec = (num_heads, num_layers, trained_head)
-        self.decay, self.save_dtype = decay, save_dtype
+        self.decay = decay
         self.lookup: torch.Tensor | None = None      # [V] target id -> head index (-1: outside a truncated head)
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
