@@ -46,7 +46,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     g.add_argument("--val-shards", type=int, default=1, help="feature shards held out for evaluation")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (with --device cuda)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast, on CUDA or a CPU with native bf16 products (avx512_bf16, AMX: EAGLE "
+                        "steps 1.47x faster on this project's CPU); weights, optimiser state and losses stay fp32")
     g.add_argument("--unroll", type=int, default=1,
                    help="EAGLE: train on N drafting steps, each after the first reading the drafter's own "
                         "features (EAGLE-3's training-time test); 1 = EAGLE-1/2 training")

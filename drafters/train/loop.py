@@ -58,7 +58,7 @@ class TrainConfig:
     unroll: int = 1                 # EAGLE: train on this many drafting steps (own features after the first)
     unroll_decay: float = 0.8       # EAGLE: step j's loss weight is unroll_decay ** j (EAGLE-3's TTT weights)
     device: str = "cpu"             # torch device for training (cuda: minutes instead of hours)
-    amp: bool = False               # bf16 autocast (CUDA); weights, optimiser state and losses stay fp32
+    amp: bool = False               # bf16 autocast (CUDA, or a CPU with bf16 products); weights, optimiser state and losses stay fp32
 
 
 class ShardRecords:
