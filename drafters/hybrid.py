@@ -18,6 +18,11 @@ thus grow long lookup runs, and open-ended ones fall back to the model's tree. S
 non-increasing along every path, then the union is reranked to ``min(budget, max_tree_tokens)``
 nodes with ancestor closure enforced (:func:`drafters.tree.rerank`). Without a lookup match the
 model's tree is returned unchanged. Drafting is deterministic, so verification stays lossless.
+
+With a corpus index (:class:`~drafters.corpus.CorpusIndex`: text the target wrote, such as its
+self-distillation answers) a second trie is grafted the same way: the most frequent continuations
+of the context's suffix n-gram in the corpus, ``v / m`` being the share of the ``m`` sampled
+occurrences through a node, with its own running estimate ``p_n`` (prior ``corpus_prior``).
 """
 
 from __future__ import annotations
@@ -25,47 +30,51 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
+from drafters.corpus import CorpusIndex
+from drafters.hybrid_config import HybridConfig
 from drafters.lookup import Continuation, LookupDrafter, LookupTrie
 from drafters.tree import DraftTree, rerank
 
-
-class HybridConfig(BaseModel):
-    """Options of the hybrid drafter (the model drafter keeps its own)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lookup_prior: float = Field(0.7, gt=0, lt=1, description="Prior per-token acceptance of lookup tokens")
-    prior_weight: float = Field(4.0, gt=0, description="Observed lookup tokens the prior is worth")
-    decay: float = Field(0.95, gt=0, le=1, description="Per-step decay of the observed counts (1: never forget)")
-    max_lookup_depth: int = Field(8, ge=1, le=64, description="Most tokens per lookup continuation")
-    max_ngram: int = Field(3, ge=1, description="Longest suffix n-gram matched")
-    min_ngram: int = Field(1, ge=1, description="Shortest suffix n-gram matched")
-    max_matches: int = Field(4, ge=1, description="Most continuations (most recent matches first)")
-
-    @model_validator(mode="after")
-    def _ngram_range(self) -> HybridConfig:
-        if self.min_ngram > self.max_ngram:
-            raise ValueError(f"min_ngram ({self.min_ngram}) must not exceed max_ngram ({self.max_ngram})")
-        return self
-
+__all__ = ["HybridConfig", "HybridDrafter", "either", "graft"]
 
 @dataclass
 class _Proposal:
-    """Lookup continuations proposed below the root at position ``start``."""
+    """Continuations of each source proposed below the root at position ``start``."""
 
     start: int
-    conts: list[Continuation]
+    lookup: list[Continuation]
+    corpus: list[Continuation]
+
+
+@dataclass
+class _Evidence:
+    """How often one source's tokens were committed, per n-gram match length (decayed counts)."""
+
+    hits: dict[int, float] = field(default_factory=dict)     # match length -> tokens confirmed
+    trials: dict[int, float] = field(default_factory=dict)   # match length -> tokens checked
+
+    def estimate(self, match_len: int, prior: float, weight: float) -> float:
+        return (weight * prior + self.hits.get(match_len, 0.0)) / (weight + self.trials.get(match_len, 0.0))
+
+    def learn(self, conts: list[Continuation], committed: list[int], decay: float) -> None:
+        """Count the tokens the target confirmed (``hits``: the longest agreeing prefix over the
+        continuations) and, when every continuation that got that far proposed a wrong next token
+        within the committed window, one miss."""
+        lengths = [matched(c.tokens, committed) for c in conts]
+        hits = max(lengths)
+        missed = any(n == hits < min(len(c.tokens), len(committed)) for n, c in zip(lengths, conts))
+        n = conts[0].match_len
+        self.hits[n] = decay * self.hits.get(n, 0.0) + hits
+        self.trials[n] = decay * self.trials.get(n, 0.0) + hits + int(missed)
 
 
 @dataclass
 class _State:
-    """One request's lookup-acceptance evidence, per n-gram match length."""
+    """One request's acceptance evidence per source."""
 
-    hits: dict[int, float] = field(default_factory=dict)     # match length -> decayed lookup tokens confirmed
-    trials: dict[int, float] = field(default_factory=dict)   # match length -> decayed lookup tokens checked
+    lookup: _Evidence = field(default_factory=_Evidence)
+    corpus: _Evidence = field(default_factory=_Evidence)
     pending: _Proposal | None = None                          # last step's continuations, checked on accept
 
 
@@ -91,8 +100,9 @@ class HybridDrafter(Drafter):
 
     name = "hybrid"
 
-    def __init__(self, model: Drafter, config: HybridConfig | None = None, max_tree_tokens: int | None = None):
-        self.model = model
+    def __init__(self, model: Drafter, config: HybridConfig | None = None, max_tree_tokens: int | None = None,
+                 corpus: CorpusIndex | None = None):
+        self.model, self.corpus = model, corpus
         self.config = config or HybridConfig()
         c = self.config
         self.lookup = LookupDrafter(max_ngram=c.max_ngram, min_ngram=c.min_ngram, max_depth=c.max_lookup_depth,
@@ -107,8 +117,12 @@ class HybridDrafter(Drafter):
     def lookup_acceptance(self, request_id: str, match_len: int) -> float:
         """Current estimate ``p_n`` that a lookup token from an ``n = match_len`` match is committed."""
         st = self.states.get(request_id) or _State()
-        w, p0 = self.config.prior_weight, self.config.lookup_prior
-        return (w * p0 + st.hits.get(match_len, 0.0)) / (w + st.trials.get(match_len, 0.0))
+        return st.lookup.estimate(match_len, self.config.lookup_prior, self.config.prior_weight)
+
+    def corpus_acceptance(self, request_id: str, match_len: int) -> float:
+        """The same estimate for corpus tokens from an ``n = match_len`` corpus match."""
+        st = self.states.get(request_id) or _State()
+        return st.corpus.estimate(match_len, self.config.corpus_prior, self.config.prior_weight)
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         asks = [replace(r, budget=min(r.budget, self.max_tree_tokens)) for r in requests]
@@ -116,16 +130,21 @@ class HybridDrafter(Drafter):
         return [self._merge(r, tree) for r, tree in zip(asks, trees)]
 
     def _merge(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
-        """The model ``tree`` with this request's lookup trie grafted on, reranked to the budget."""
-        st = self.states.setdefault(request.request_id, _State())
-        conts = self.lookup.continuations(request.token_ids)
-        st.pending = _Proposal(len(request.token_ids) - 1, conts) if conts else None
-        if not conts:
+        """The model ``tree`` with this request's lookup and corpus tries grafted on, reranked to the budget."""
+        rid, ids = request.request_id, request.token_ids
+        st = self.states.setdefault(rid, _State())
+        conts = self.lookup.continuations(ids)
+        found = self.corpus.continuations(ids) if self.corpus is not None else []
+        st.pending = _Proposal(len(ids) - 1, conts, found) if conts or found else None
+        if st.pending is None:
             return tree
-        trie = self.lookup.trie(conts)
-        log_p = math.log(self.lookup_acceptance(request.request_id, conts[0].match_len))
         tokens, parents, scores = list(tree.tokens), list(tree.parents), list(tree.scores)
-        graft(tokens, parents, scores, trie, log_p)
+        if conts:
+            log_p = math.log(self.lookup_acceptance(rid, conts[0].match_len))
+            graft(tokens, parents, scores, self.lookup.trie(conts), log_p)
+        if found:
+            log_p = math.log(self.corpus_acceptance(rid, found[0].match_len))
+            graft(tokens, parents, scores, self.lookup.trie(found), log_p)
         for i, p in enumerate(parents):                           # non-increasing along paths
             if p >= 0:
                 scores[i] = min(scores[i], scores[p])
@@ -139,18 +158,10 @@ class HybridDrafter(Drafter):
             st = self.states[u.request_id]
             proposal, st.pending = st.pending, None
             if proposal is not None and proposal.start == u.start:
-                self._learn(st, proposal.conts, u.fed_tokens[1:] + [u.next_token])
-
-    def _learn(self, st: _State, conts: list[Continuation], committed: list[int]) -> None:
-        """Count lookup tokens the target confirmed (``hits``: the longest agreeing prefix over the
-        continuations) and, when every continuation that got that far proposed a wrong next token
-        within the committed window, one miss."""
-        lengths = [matched(c.tokens, committed) for c in conts]
-        hits = max(lengths)
-        missed = any(n == hits < min(len(c.tokens), len(committed)) for n, c in zip(lengths, conts))
-        n, decay = conts[0].match_len, self.config.decay
-        st.hits[n] = decay * st.hits.get(n, 0.0) + hits
-        st.trials[n] = decay * st.trials.get(n, 0.0) + hits + int(missed)
+                committed = u.fed_tokens[1:] + [u.next_token]
+                for evidence, conts in ((st.lookup, proposal.lookup), (st.corpus, proposal.corpus)):
+                    if conts:
+                        evidence.learn(conts, committed, self.config.decay)
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)

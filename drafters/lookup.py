@@ -14,6 +14,8 @@ class Continuation:
 
     tokens: list[int]
     match_len: int                # n: how many trailing context tokens matched
+    count: int = 1                # occurrences that continued this way
+    total: int = 0                # occurrences the counts are out of (0: one per continuation merged)
 
 
 @dataclass
@@ -23,8 +25,8 @@ class LookupTrie:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)      # root children at depth 1
-    votes: list[int] = field(default_factory=list)       # continuations passing through the node
-    matches: int = 0                                     # continuations merged
+    votes: list[int] = field(default_factory=list)       # occurrences whose continuation passes the node
+    matches: int = 0                                     # occurrences merged (votes are out of this)
 
 
 class LookupDrafter(Drafter):
@@ -62,8 +64,9 @@ class LookupDrafter(Drafter):
 
     @staticmethod
     def trie(conts: list[Continuation], budget: int | None = None) -> LookupTrie:
-        """Merge ``conts`` in order on shared prefixes, creating at most ``budget`` nodes."""
-        trie = LookupTrie(matches=len(conts))
+        """Merge ``conts`` in order on shared prefixes, creating at most ``budget`` nodes; a continuation
+        votes with its ``count``."""
+        trie = LookupTrie(matches=max([c.total for c in conts] + [sum(c.count for c in conts)]))
         children: dict[tuple[int, int], int] = {}
         for cont in conts:
             parent = -1
@@ -77,7 +80,7 @@ class LookupDrafter(Drafter):
                     trie.parents.append(parent)
                     trie.votes.append(0)
                     trie.depths.append(1 + (trie.depths[parent] if parent >= 0 else 0))
-                trie.votes[node] += 1
+                trie.votes[node] += cont.count
                 parent = node
         return trie
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,8 @@ from drafters.base import Drafter
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 Factory = Callable[..., Drafter | None]
 
@@ -29,10 +32,18 @@ SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
                                      "hybrid": CHECKPOINTS / "smollm2-hybrid"}}  # acceptance.json only (see _hybrid)
 
 
+DATA = Path(__file__).resolve().parent / "data"
+SHIPPED_CORPUS = {"SmolLM2-135M-Instruct": [DATA / "smollm2-distill", DATA / "smollm2-distill-self"]}
+
+
+def shipped_name(model: str) -> str:
+    """The key of ``SHIPPED`` for a model given as ``default`` or a path to its folder."""
+    return "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
+
+
 def shipped_drafter(model: str, method: str = "eagle") -> Path | None:
     """The ``method`` drafter shipped for a model given as ``default`` or a path to the embedded model's folder."""
-    name = "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
-    return SHIPPED.get(name, {}).get(method)
+    return SHIPPED.get(shipped_name(model), {}).get(method)
 
 
 def _checkpoint(cfg, method: str) -> Path:
@@ -90,10 +101,26 @@ def _hybrid(cfg, target) -> Drafter:
     from drafters.hybrid import HybridDrafter
 
     model = _eagle(cfg, target)
-    drafter = HybridDrafter(model, max_tree_tokens=cfg.max_draft_tokens)
+    drafter = HybridDrafter(model, cfg.hybrid, cfg.max_draft_tokens, corpus_index(cfg))
     folder = None if cfg.drafter_path else shipped_drafter(cfg.model, "hybrid")
     drafter.acceptance_profile = (load_acceptance_profile(folder) if folder else None) or model.acceptance_profile
     return drafter
+
+
+def corpus_index(cfg):
+    """The hybrid's corpus index for ``cfg.hybrid.corpus`` ('auto': the model's shipped self-distillation
+    answers, if any; 'none'; or comma-joined distillation folders), or None."""
+    from drafters.corpus import CorpusIndex
+
+    choice = cfg.hybrid.corpus.strip()
+    if choice == "none":
+        return None
+    folders = SHIPPED_CORPUS.get(shipped_name(cfg.model)) if choice == "auto" else [f for f in choice.split(",") if f.strip()]
+    if not folders:
+        return None
+    index = CorpusIndex.from_distillations(folders, **cfg.hybrid.corpus_options())
+    log.info("hybrid corpus lookup: %d tokens from %s", index.num_tokens, ", ".join(map(str, folders)))
+    return index
 
 
 def _swift(cfg, target) -> Drafter:

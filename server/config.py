@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drafters.draft_model_config import DraftModelConfig
 from drafters.gsd_config import GsdConfig
+from drafters.hybrid_config import HybridConfig
 from drafters.medusa_config import MedusaConfig
 from drafters.swift_config import SwiftConfig
 
@@ -53,6 +54,8 @@ class ServerConfig(BaseModel):
                                                                  "section)")
     draft_model: DraftModelConfig = Field(default_factory=DraftModelConfig, description="draft-model drafter "
                                           "options (the preset's 'draft_model:' section)")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid drafter options (the "
+                                                                          "preset's 'hybrid:' section)")
     medusa: MedusaConfig = Field(default_factory=MedusaConfig, description="Medusa drafter options (the "
                                                                           "preset's 'medusa:' section)")
     enable_prefix_caching: bool = Field(True, description="Share the KV of full blocks of identical prompt "

@@ -260,3 +260,14 @@ def chi2_pvalue(samples: list[int], probs: torch.Tensor) -> float:
     assert min(expected) >= 5.0, "too few draws for the chi-square approximation"
     stat = sum((counts.get(v, 0) - e) ** 2 / e for v, e in enumerate(expected))
     return chi2_sf(stat, len(expected) - 1)
+
+
+def write_shard(path, records: list[tuple[list[int], list[int]]]) -> None:
+    """A self-distillation shard (``treespec distill``'s format) of (prompt, answer) token lists."""
+    import numpy as np
+
+    seqs = [p + a for p, a in records]
+    np.savez(path, tokens=np.array([t for s in seqs for t in s], dtype=np.uint16),
+             offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
+             prompt_lens=np.array([len(p) for p, _ in records], dtype=np.int32),
+             record_ids=np.array([f"r{i}" for i in range(len(records))]))

@@ -11,10 +11,14 @@ from helpers import (
     assert_batched_drafts_equal_solo,
     assert_matches_reference,
     feed_random_context,
+    random_prompts,
+    reference_greedy,
     tiny_engine,
+    write_shard,
 )
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
+from drafters.corpus import CorpusIndex
 from drafters.eagle import EagleTreeDrafter
 from drafters.hybrid import HybridConfig, HybridDrafter, either
 from drafters.tree import DraftTree
@@ -139,7 +143,7 @@ def test_lookup_estimate_moves_with_what_is_committed():
     d.propose([ask("copy", copy, 16)])
     copy = commit(d, "copy", copy, copy[-4:-1], 99)                      # 3 lookup tokens accepted, bonus differs
     assert d.lookup_acceptance("copy", 3) == pytest.approx((2 + 7) / (4 + 8))
-    assert d.states["copy"].trials.keys() == {3} and d.lookup_acceptance("copy", 1) == 0.5  # per match length
+    assert d.states["copy"].lookup.trials.keys() == {3} and d.lookup_acceptance("copy", 1) == 0.5  # per match length
     d.release("copy")
     assert "copy" not in d.states and d.model.released == ["copy"]
 
@@ -234,6 +238,54 @@ def test_registry_builds_hybrid_on_eagle_with_profile_hook(tiny_eagle, tmp_path,
     assert registry.build_drafter("hybrid", cfg, target).acceptance_profile == {8: 2.5}           # hybrid's own
     with_path = cfg.model_copy(update={"drafter_path": str(tmp_path / "eagle")})
     assert registry.build_drafter("hybrid", with_path, target).acceptance_profile == {8: 1.5}
+
+
+def test_corpus_tokens_are_grafted_and_their_estimate_learned_apart_from_lookup():
+    corpus = CorpusIndex.from_records([[40, 41, 42, 43, 44, 45, 46]], max_ngram=3, min_ngram=2)
+    d = HybridDrafter(FixedDrafter(DraftTree.empty()), HybridConfig(corpus_prior=0.5, prior_weight=4, decay=1.0),
+                      corpus=corpus)
+    tokens = [1, 2, 41, 42]                                              # no lookup match; corpus: (41, 42) -> 43 ..
+    d.on_accept([AcceptUpdate("a", 0, tokens[:-1], torch.zeros(3, 64), tokens[-1], reset=True)])
+    tree = d.propose([ask("a", tokens, 8)])[0]
+    check_structure(tree)
+    assert list(tree.tokens) == [43, 44, 45, 46]                             # the record ends after 46
+    assert tree.scores == pytest.approx([math.log(0.5) * (i + 1) for i in range(4)])
+    commit(d, "a", tokens, [43, 44], 99)                                 # 2 corpus tokens confirmed, then a miss
+    assert d.corpus_acceptance("a", 2) == pytest.approx((2 + 2) / (4 + 3))
+    assert d.lookup_acceptance("a", 2) == 0.7 and not d.states["a"].lookup.trials
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_hybrid_with_a_corpus_is_lossless_and_the_corpus_saves_steps(tiny_eagle, batch):
+    """A corpus that holds the target's answers (and noise) shortens decoding; the output never changes."""
+    hf, target, net = tiny_eagle
+    prompts = random_prompts(batch, seed=5, min_len=6, max_len=12)
+    answers = [reference_greedy(hf, p, 25) for p in prompts]
+    g = torch.Generator().manual_seed(1)
+    noise = [torch.randint(3, 211, (30,), generator=g).tolist() for _ in range(20)]
+    corpus = CorpusIndex.from_records([p + a for p, a in zip(prompts, answers)] + noise)
+    steps = {}
+    for name, index in (("without", None), ("with", corpus)):
+        d = HybridDrafter(EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3), corpus=index)
+        reqs = assert_matches_reference(tiny_engine(target, num_blocks=256, drafter=d), hf, prompts, max_tokens=25)
+        steps[name] = sum(r.spec.verify_steps for r in reqs)
+        assert not d.states
+    assert steps["with"] < steps["without"]
+
+
+def test_registry_builds_the_corpus_from_the_option(tiny_eagle, tmp_path, monkeypatch):
+    from drafters import registry
+    from server.config import ServerConfig
+
+    (tmp_path / "distill").mkdir()
+    write_shard(tmp_path / "distill" / "shard_00000.npz", [([1, 2], [3, 4, 5, 6])])
+    monkeypatch.setitem(registry.SHIPPED_CORPUS, "SmolLM2-135M-Instruct", [tmp_path / "distill"])
+    auto = registry.corpus_index(ServerConfig())
+    assert auto is not None and auto.num_tokens == 5
+    assert registry.corpus_index(ServerConfig(hybrid=HybridConfig(corpus="none"))) is None
+    assert registry.corpus_index(ServerConfig(model=str(tmp_path / "other-model"))) is None    # nothing shipped
+    given = ServerConfig(model=str(tmp_path / "other-model"), hybrid=HybridConfig(corpus=str(tmp_path / "distill")))
+    assert registry.corpus_index(given).num_tokens == 5
 
 
 def test_config_validates():

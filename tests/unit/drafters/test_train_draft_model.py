@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from helpers import hf_model_from, tiny_hf_config
+from helpers import hf_model_from, tiny_hf_config, write_shard
 
 from drafters.draft_model_load import load_draft_model
 from drafters.train.draft_model import chain_rates, train_draft_model
-
-
-def write_shard(path: Path, records: list[tuple[list[int], list[int]]]) -> None:
-    """A self-distillation shard of (prompt, answer) token lists."""
-    seqs = [p + a for p, a in records]
-    np.savez(path, tokens=np.array([t for s in seqs for t in s], dtype=np.uint16),
-             offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
-             prompt_lens=np.array([len(p) for p, _ in records], dtype=np.int32),
-             record_ids=np.array([f"r{i}" for i in range(len(records))]))
 
 
 def test_chain_rates_count_runs_of_hits():
