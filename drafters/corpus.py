@@ -54,7 +54,7 @@ class CorpusIndex:
             keep = (windows >= 0).all(axis=1)
             hashes = ngram_hashes(windows[keep, :n])
             order = np.argsort(hashes, kind="stable")
-            self.tables[n] = (hashes[order], (starts[keep] + n)[order].astype(np.int64))
+            self.tables[n] = (hashes[order], (starts[keep] + n)[order])
 
     @classmethod
     def from_records(cls, records: list[list[int]], **options) -> CorpusIndex:
@@ -63,15 +63,12 @@ class CorpusIndex:
         return cls(np.array(joined, dtype=np.int64), **options)
 
     @classmethod
-    def from_distillations(cls, folders: list[str | Path], **options) -> CorpusIndex:
-        """An index of the answers (prompts left out) in ``treespec distill`` folders."""
-        from drafters.train.distill import distill_shards
-        from drafters.train.features import shard_records
+    def from_distillations(cls, data: str | Path, **options) -> CorpusIndex:
+        """An index of the answers (prompts left out) in ``treespec distill`` folders (one, or several
+        comma-joined, as ``train-drafter --data``)."""
+        from drafters.train.features import distilled_shards
 
-        paths = [path for folder in folders for path in distill_shards(folder)]
-        if not paths:
-            raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {', '.join(map(str, folders))}")
-        return cls.from_records([r["input_ids"][r["prompt_len"]:] for p in paths for r in shard_records(p)],
+        return cls.from_records([r["input_ids"][r["prompt_len"]:] for shard in distilled_shards(data) for r in shard],
                                 **options)
 
     @property

@@ -139,12 +139,10 @@ class HybridDrafter(Drafter):
         if st.pending is None:
             return tree
         tokens, parents, scores = list(tree.tokens), list(tree.parents), list(tree.scores)
-        if conts:
-            log_p = math.log(self.lookup_acceptance(rid, conts[0].match_len))
-            graft(tokens, parents, scores, self.lookup.trie(conts), log_p)
-        if found:
-            log_p = math.log(self.corpus_acceptance(rid, found[0].match_len))
-            graft(tokens, parents, scores, self.lookup.trie(found), log_p)
+        for source, acceptance in ((conts, self.lookup_acceptance), (found, self.corpus_acceptance)):
+            if source:
+                log_p = math.log(acceptance(rid, source[0].match_len))
+                graft(tokens, parents, scores, self.lookup.trie(source), log_p)
         for i, p in enumerate(parents):                           # non-increasing along paths
             if p >= 0:
                 scores[i] = min(scores[i], scores[p])

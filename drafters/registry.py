@@ -115,11 +115,11 @@ def corpus_index(cfg):
     choice = cfg.hybrid.corpus.strip()
     if choice == "none":
         return None
-    folders = SHIPPED_CORPUS.get(shipped_name(cfg.model)) if choice == "auto" else [f for f in choice.split(",") if f.strip()]
-    if not folders:
+    data = ",".join(map(str, SHIPPED_CORPUS.get(shipped_name(cfg.model), []))) if choice == "auto" else choice
+    if not data:
         return None
-    index = CorpusIndex.from_distillations(folders, **cfg.hybrid.corpus_options())
-    log.info("hybrid corpus lookup: %d tokens from %s", index.num_tokens, ", ".join(map(str, folders)))
+    index = CorpusIndex.from_distillations(data, **cfg.hybrid.corpus_options())
+    log.info("hybrid corpus lookup: %d tokens from %s", index.num_tokens, data)
     return index
 
 

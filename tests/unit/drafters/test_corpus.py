@@ -43,13 +43,13 @@ def test_distillation_folders_give_their_answers_only(tmp_path):
     for folder, records in (("a", [([1, 2], [3, 4, 5])]), ("b", [([6, 3], [4, 9]), ([7], [8])])):
         (tmp_path / folder).mkdir()
         write_shard(tmp_path / folder / "shard_00000.npz", records)
-    idx = CorpusIndex.from_distillations([tmp_path / "a", tmp_path / "b"], max_ngram=2, min_ngram=1, max_depth=2)
+    idx = CorpusIndex.from_distillations(f"{tmp_path / 'a'},{tmp_path / 'b'}", max_ngram=2, min_ngram=1, max_depth=2)
     assert idx.num_tokens == 3 + 2 + 1 + 3                        # answers and one separator each
     assert [(c.tokens, c.count) for c in idx.continuations([3, 4])] == [([5], 1)]
     assert [c.tokens for c in idx.continuations([4])] == [[5], [9]]
     assert idx.continuations([1, 2]) == []                         # prompts are left out
     with pytest.raises(FileNotFoundError):
-        CorpusIndex.from_distillations([tmp_path / "missing"])
+        CorpusIndex.from_distillations(tmp_path / "missing")
 
 
 def test_options_are_validated():
