@@ -37,20 +37,9 @@ from drafters.medusa_tree import (
     static_tree,
     top_tuples,
 )
-from drafters.tree import DraftTree
+from drafters.tree import DraftTree, accepted_length
 
 SHAPES = ("dynamic", "dynamic_full", "static")
-
-
-def accepted_length(tree: DraftTree, greedy: list[int]) -> int:
-    """Depth of the deepest node whose path from the root matches ``greedy`` (parents come first)."""
-    depth, matched, best = [0] * len(tree.tokens), [False] * len(tree.tokens), 0
-    for n, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        depth[n] = 1 if parent < 0 else depth[parent] + 1
-        matched[n] = (parent < 0 or matched[parent]) and depth[n] <= len(greedy) and token == greedy[depth[n] - 1]
-        if matched[n]:
-            best = max(best, depth[n])
-    return best
 
 
 def trees_for(shape: str, logits: np.ndarray, logprobs: np.ndarray, ids: np.ndarray, budget: int,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DraftTree", "rerank", "select_nodes"]
+__all__ = ["DraftTree", "accepted_length", "rerank", "select_nodes"]
 
 
 def _validate_parents(parents: Sequence[int]) -> None:
@@ -207,3 +207,14 @@ def rerank(
         tuple(new_parents.tolist()),
         tuple(sc[keep].tolist()),
     )
+
+
+def accepted_length(tree: DraftTree, greedy: list[int]) -> int:
+    """Depth of the deepest node whose path from the root matches ``greedy`` (parents come first)."""
+    depth, matched, best = [0] * len(tree.tokens), [False] * len(tree.tokens), 0
+    for n, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        depth[n] = 1 if parent < 0 else depth[parent] + 1
+        matched[n] = (parent < 0 or matched[parent]) and depth[n] <= len(greedy) and token == greedy[depth[n] - 1]
+        if matched[n]:
+            best = max(best, depth[n])
+    return best

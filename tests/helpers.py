@@ -270,4 +270,5 @@ def write_shard(path, records: list[tuple[list[int], list[int]]]) -> None:
     np.savez(path, tokens=np.array([t for s in seqs for t in s], dtype=np.uint16),
              offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
              prompt_lens=np.array([len(p) for p, _ in records], dtype=np.int32),
+             temperature=np.zeros(len(records), dtype=np.float32),
              record_ids=np.array([f"r{i}" for i in range(len(records))]))

@@ -51,13 +51,16 @@ def is_distilled(data: str | Path) -> bool:
 
 
 def shard_records(path: Path) -> list[dict[str, Any]]:
-    """Records of one distillation shard: ``id``, ``input_ids`` (prompt + answer) and ``prompt_len``."""
+    """Records of one distillation shard: ``id``, ``input_ids`` (prompt + answer), ``prompt_len`` and
+    ``temperature`` (0: the target's greedy answer)."""
     import numpy as np
 
     with np.load(path) as shard:
         tokens, bounds = shard["tokens"].astype(np.int64), shard["offsets"]
-        return [{"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(), "prompt_len": int(plen)}
-                for r, (rid, plen) in enumerate(zip(shard["record_ids"], shard["prompt_lens"]))]
+        return [{"id": str(rid), "input_ids": tokens[bounds[r]:bounds[r + 1]].tolist(), "prompt_len": int(plen),
+                 "temperature": float(temp)}
+                for r, (rid, plen, temp) in enumerate(zip(shard["record_ids"], shard["prompt_lens"],
+                                                          shard["temperature"]))]
 
 
 def distilled_shards(data: str | Path) -> list[list[dict[str, Any]]]:

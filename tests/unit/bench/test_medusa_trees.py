@@ -8,25 +8,7 @@ import numpy as np
 import pytest
 
 from bench.heldout_questions import heldout_questions
-from bench.medusa_trees import accepted_length, trees_for
-from drafters.tree import DraftTree
-
-
-def test_accepted_length_is_the_deepest_fully_matching_path():
-    #        root
-    #       /    \
-    #    5 (0)   7 (1)
-    #     |        |
-    #    6 (2)    8 (3)
-    #     |
-    #    9 (4)
-    tree = DraftTree((5, 7, 6, 8, 9), (-1, -1, 0, 1, 2), (0.0,) * 5)
-    assert accepted_length(tree, [5, 6, 9]) == 3
-    assert accepted_length(tree, [5, 6, 1]) == 2
-    assert accepted_length(tree, [7, 8, 9]) == 2
-    assert accepted_length(tree, [7, 6, 9]) == 1          # node 2 matches depth 2 but hangs below 5
-    assert accepted_length(tree, [1, 6, 9]) == 0
-    assert accepted_length(DraftTree.empty(), [5]) == 0
+from bench.medusa_trees import trees_for
 
 
 def test_tree_shapes_share_the_candidates_and_respect_the_budget():

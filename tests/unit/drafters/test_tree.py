@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drafters.tree import DraftTree, rerank, select_nodes
+from drafters.tree import DraftTree, accepted_length, rerank, select_nodes
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -221,3 +221,20 @@ def test_tree_module_does_not_import_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import sys, drafters.tree; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_accepted_length_is_the_deepest_fully_matching_path():
+    #        root
+    #       /    \
+    #    5 (0)   7 (1)
+    #     |        |
+    #    6 (2)    8 (3)
+    #     |
+    #    9 (4)
+    tree = DraftTree((5, 7, 6, 8, 9), (-1, -1, 0, 1, 2), (0.0,) * 5)
+    assert accepted_length(tree, [5, 6, 9]) == 3
+    assert accepted_length(tree, [5, 6, 1]) == 2
+    assert accepted_length(tree, [7, 8, 9]) == 2
+    assert accepted_length(tree, [7, 6, 9]) == 1          # node 2 matches depth 2 but hangs below 5
+    assert accepted_length(tree, [1, 6, 9]) == 0
+    assert accepted_length(DraftTree.empty(), [5]) == 0

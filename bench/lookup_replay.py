@@ -1,0 +1,209 @@
+"""Offline replay of the hybrid drafter on held-out answers the target wrote: τ without a target in the loop.
+
+A greedy answer from ``treespec distill`` is what the engine's greedy decoding commits, so verifying
+any draft tree against it needs no target forward: after the prefill's token, each step the drafter
+sees ``prompt + answer[:i]``, the step keeps the tree's longest path that spells ``answer[i:]`` and
+commits it plus the target's next token, and the drafter learns from that as in serving
+(:meth:`~drafters.hybrid.HybridDrafter.on_accept`, with the target's features of the fed positions from
+one full forward of the record). τ is committed tokens per step, the server's acceptance length.
+
+Variants: ``--drafters none`` (prompt and corpus lookup alone) and ``eagle`` (the default drafter: the
+hybrid over the shipped, or ``--drafter-path``, EAGLE checkpoint), options as ``treespec bench --compare``
+takes them (``eagle[draft_depth=6,hybrid.corpus_prior=0.6]``), each with a corpus index over a growing
+share (``--fractions``, 0 = no corpus) of the training shards of ``--data``: every folder's shards but its
+last ``--heldout-shards``, which are replayed (greedy records only), as are all of ``--eval``'s (such as
+the target's greedy answers to MT-bench, which no corpus holds). Writes JSON (command, machine, date, τ
+per variant and folder) and a PNG::
+
+    python -m bench.lookup_replay --data drafters/data/smollm2-distill,drafters/data/smollm2-distill-self \\
+        --eval .cache/mtbench-answers --out bench/results/issue8/lookup_replay.json
+
+Features come from one full-sequence forward, the engine's from incremental steps: equal up to rounding,
+so an EAGLE draft can rarely differ from the served one; lookup variants are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from bench.compare import parse_variant
+from bench.harness import hf_model, machine_info
+from drafters.base import AcceptUpdate, Drafter, DraftRequest
+from drafters.corpus import CorpusIndex
+from drafters.hybrid import HybridDrafter
+from drafters.train.distill import distill_shards
+from drafters.train.features import data_folders, hold_out_last, shard_records, target_features
+from drafters.tree import DraftTree, accepted_length
+from server.config import ServerConfig, merge_options
+from server.engine.request import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0)
+
+
+class NoModel(Drafter):
+    """A model drafter that proposes nothing, so the hybrid's tree is its lookup tries alone."""
+
+    name = "none"
+
+    def __init__(self, max_tree_tokens: int):
+        self.max_tree_tokens = max_tree_tokens
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
+        return [DraftTree.empty() for _ in requests]
+
+
+def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, budget: int
+           ) -> tuple[int, int]:
+    """(tokens committed after the prefill's, verify steps) of greedy speculative decoding of ``ids`` (prompt
+    of ``start`` tokens, then the answer; ``features [len(ids), H]`` the target's at every position)."""
+    def commit(first: int, last: int, reset: bool = False) -> None:   # fed positions first..last-1, then ids[last]
+        if last < len(ids):
+            drafter.on_accept([AcceptUpdate(rid, first, ids[first:last], features[first:last], ids[last], reset)])
+
+    commit(0, start, reset=True)                                  # prefill: the prompt, then answer[0]
+    i, steps = start + 1, 0
+    while i < len(ids):
+        n = accepted_length(drafter.propose([DraftRequest(rid, ids[:i], GREEDY, budget, start)])[0], ids[i:])
+        commit(i - 1, i + n)
+        i, steps = i + n + 1, steps + 1
+    drafter.release(rid)
+    return len(ids) - start - 1, steps
+
+
+def replay_sets(data: str, heldout_shards: int, evals: str | None) -> tuple[dict[str, list[dict]], list[list[Path]]]:
+    """Greedy records to replay per folder, and each ``data`` folder's training shards (in order)."""
+    held, train = {}, []
+    for folder in data_folders(data):
+        shards, kept = hold_out_last([distill_shards(folder)], heldout_shards)
+        if not shards:
+            raise ValueError(f"{folder}: needs more than {heldout_shards} shard(s) to hold some out")
+        held[str(folder)] = [r for path in kept for r in shard_records(path) if r["temperature"] == 0.0]
+        train.append(shards)
+    for folder in data_folders(evals) if evals else []:
+        held[str(folder)] = [r for path in distill_shards(folder) for r in shard_records(path)
+                             if r["temperature"] == 0.0]
+    return held, train
+
+
+def corpus_for(train: list[list[Path]], fraction: float, options: dict) -> CorpusIndex | None:
+    """An index of the answers in the first ``fraction`` of every folder's training shards (``None`` at 0)."""
+    if fraction == 0:
+        return None
+    paths = [p for shards in train for p in shards[:max(1, round(fraction * len(shards)))]]
+    return CorpusIndex.from_records([r["input_ids"][r["prompt_len"]:] for p in paths for r in shard_records(p)],
+                                    **options)
+
+
+def model_drafter(name: str, cfg: ServerConfig, target) -> Drafter:
+    """The hybrid's model drafter: ``none`` or the registry's ``eagle`` (its checkpoint, dtype and tree shape)."""
+    if name == "none":
+        return NoModel(cfg.max_draft_tokens)
+    from drafters.registry import DRAFTERS
+
+    return DRAFTERS[name](cfg, SimpleNamespace(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in dict.fromkeys((r["drafter"], r["folder"]) for r in rows):
+        mine = [r for r in rows if (r["drafter"], r["folder"]) == key]
+        ax.plot([r["corpus_tokens"] / 1e6 for r in mine], [r["tau"] for r in mine],
+                "o-" if key[0].startswith("none") else "s--",
+                label=f"{key[0].replace('none', 'lookup only', 1) if key[0].startswith('none') else 'hybrid: ' + key[0]}"
+                f" · {Path(key[1]).name}")
+    ax.set_xlabel("corpus size (million answer tokens; 0 = no corpus)")
+    ax.set_ylabel("τ (tokens per verify step)")
+    ax.set_title("Hybrid drafter replayed on held-out greedy answers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="distillation folders, comma-joined: corpus and held-out")
+    parser.add_argument("--heldout-shards", type=int, default=1, help="last shards of each --data folder replayed")
+    parser.add_argument("--eval", help="more distillation folders replayed whole (never in the corpus)")
+    parser.add_argument("--drafters", nargs="+", default=["none", "eagle"],
+                        help="the hybrid's model drafter: none (lookup alone) or eagle, with options as "
+                             "NAME[option=value,...]")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                        help="shares of the training shards in the corpus index (0: no corpus)")
+    parser.add_argument("--budget", type=int, default=8, help="draft nodes per step")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="answer tokens replayed per record (the MT-bench runs use 128; long answers of a small "
+                             "model repeat themselves, which flatters lookup)")
+    parser.add_argument("--max-records", type=int, default=0, help="records per folder (0: all)")
+    parser.add_argument("--drafter-path", help="EAGLE checkpoint (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if any(not 0 <= f <= 1 for f in args.fractions):
+        parser.error("--fractions must lie in [0, 1]")
+    variants = {spec: parse_variant(spec) for spec in args.drafters}
+    if bad := [spec for spec, (name, _) in variants.items() if name not in ("none", "eagle")]:
+        parser.error(f"--drafters: unknown model drafter in {bad}; choose none or eagle")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ServerConfig(drafter_path=args.drafter_path)
+    held, train = replay_sets(args.data, args.heldout_shards, args.eval)
+    held = {f: [{**r, "input_ids": r["input_ids"][:r["prompt_len"] + args.max_tokens]}
+                for r in records[:args.max_records or None]] for f, records in held.items()}
+    target = hf_model(cfg) if any(name == "eagle" for name, _ in variants.values()) else None
+    features = {}
+    if target is not None:
+        for f, records in held.items():
+            for r in tqdm(records, desc=f"features {Path(f).name}", unit="rec"):
+                features[f, r["id"]] = target_features(target, [r["input_ids"]])[0]        # [L, H]
+    rows = []
+    for spec, (name, options) in variants.items():
+        run_cfg = ServerConfig(**merge_options(cfg.model_dump(), options))
+        model = model_drafter(name, run_cfg, target)
+        for fraction in args.fractions:
+            t = time.perf_counter()
+            corpus = corpus_for(train, fraction, run_cfg.hybrid.corpus_options())
+            build_s = time.perf_counter() - t
+            drafter = HybridDrafter(model, run_cfg.hybrid, run_cfg.max_draft_tokens, corpus)
+            for folder, records in held.items():
+                tokens = steps = 0
+                t = time.perf_counter()
+                for r in tqdm(records, desc=f"{name} {Path(folder).name} corpus {fraction:g}", unit="rec"):
+                    n, s = replay(drafter, r["id"], r["input_ids"], r["prompt_len"],
+                                  features.get((folder, r["id"]), torch.empty(0)), args.budget)
+                    tokens, steps = tokens + n, steps + s
+                rows.append({"drafter": spec, "folder": folder, "fraction": fraction,
+                             "corpus_tokens": corpus.num_tokens if corpus else 0, "index_build_s": round(build_s, 2),
+                             "records": len(records), "tokens": tokens, "steps": steps,
+                             "tau": round(tokens / max(1, steps), 4),
+                             "draft_ms_per_step": round(1000 * (time.perf_counter() - t) / max(1, steps), 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    report = {"command": "python -m bench.lookup_replay " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "budget": args.budget, "max_tokens": args.max_tokens,
+              "heldout_shards": args.heldout_shards, "hybrid": cfg.hybrid.model_dump(), "results": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
