@@ -113,27 +113,69 @@ def model_drafter(name: str, cfg: ServerConfig, target) -> Drafter:
     return DRAFTERS[name](cfg, SimpleNamespace(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head))
 
 
+def label(spec: str, folder: str) -> str:
+    kind = spec.replace("none", "lookup only", 1) if spec.startswith("none") else f"hybrid: {spec}"
+    return f"{kind} · {Path(folder).name}"
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """τ against corpus size (at the smallest budget) and, with several budgets, against the budget (at the
+    largest corpus)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key in dict.fromkeys((r["drafter"], r["folder"]) for r in rows):
-        mine = [r for r in rows if (r["drafter"], r["folder"]) == key]
-        ax.plot([r["corpus_tokens"] / 1e6 for r in mine], [r["tau"] for r in mine],
-                "o-" if key[0].startswith("none") else "s--",
-                label=f"{key[0].replace('none', 'lookup only', 1) if key[0].startswith('none') else 'hybrid: ' + key[0]}"
-                f" · {Path(key[1]).name}")
-    ax.set_xlabel("corpus size (million answer tokens; 0 = no corpus)")
-    ax.set_ylabel("τ (tokens per verify step)")
-    ax.set_title("Hybrid drafter replayed on held-out greedy answers")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    budgets = sorted({r["budget"] for r in rows})
+    fractions = sorted({r["fraction"] for r in rows})
+    panels = [("corpus_tokens", "budget", budgets[0], "corpus size (million answer tokens; 0 = no corpus)")]
+    if len(budgets) > 1:
+        panels.append(("budget", "fraction", fractions[-1], "draft budget (tree nodes per step)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    for ax, (x, fixed, value, xlabel) in zip(axes[0], panels):
+        for key in dict.fromkeys((r["drafter"], r["folder"]) for r in rows):
+            mine = [r for r in rows if (r["drafter"], r["folder"]) == key and r[fixed] == value]
+            scale = 1e6 if x == "corpus_tokens" else 1
+            ax.plot([r[x] / scale for r in mine], [r["tau"] for r in mine],
+                    "o-" if key[0].startswith("none") else "s--", label=label(*key))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("τ (tokens per verify step)")
+        ax.set_title(f"{'budget' if fixed == 'budget' else 'corpus share'} {value:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Hybrid drafter replayed on held-out greedy answers")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def replay_variant(spec: str, cfg: ServerConfig, target, train: list[list[Path]], held: dict[str, list[dict]],
+                   features: dict, fractions: list[float], budgets: list[int]) -> list[dict]:
+    """One row per (corpus share, budget, folder) of one ``--drafters`` variant."""
+    name, options = parse_variant(spec)
+    run_cfg = ServerConfig(**merge_options(cfg.model_dump(), options))
+    model = model_drafter(name, run_cfg, target)
+    rows = []
+    for fraction in fractions:
+        t = time.perf_counter()
+        corpus = corpus_for(train, fraction, run_cfg.hybrid.corpus_options())
+        build_s = time.perf_counter() - t
+        drafter = HybridDrafter(model, run_cfg.hybrid, max(budgets + [run_cfg.max_draft_tokens]), corpus)
+        for budget in budgets:
+            for folder, records in held.items():
+                tokens = steps = 0
+                t = time.perf_counter()
+                for r in tqdm(records, desc=f"{spec} {Path(folder).name} corpus {fraction:g} @{budget}", unit="rec"):
+                    n, s = replay(drafter, r["id"], r["input_ids"], r["prompt_len"],
+                                  features.get((folder, r["id"]), torch.empty(0)), budget)
+                    tokens, steps = tokens + n, steps + s
+                rows.append({"drafter": spec, "folder": folder, "fraction": fraction, "budget": budget,
+                             "corpus_tokens": corpus.num_tokens if corpus else 0, "index_build_s": round(build_s, 2),
+                             "records": len(records), "tokens": tokens, "steps": steps,
+                             "tau": round(tokens / max(1, steps), 4),
+                             "draft_ms_per_step": round(1000 * (time.perf_counter() - t) / max(1, steps), 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,63 +188,69 @@ def main(argv: list[str] | None = None) -> dict:
                              "NAME[option=value,...]")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
                         help="shares of the training shards in the corpus index (0: no corpus)")
-    parser.add_argument("--budget", type=int, default=8, help="draft nodes per step")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[8], help="draft nodes per step")
     parser.add_argument("--max-tokens", type=int, default=128,
                         help="answer tokens replayed per record (the MT-bench runs use 128; long answers of a small "
                              "model repeat themselves, which flatters lookup)")
     parser.add_argument("--max-records", type=int, default=0, help="records per folder (0: all)")
     parser.add_argument("--drafter-path", help="EAGLE checkpoint (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--save-acceptance", metavar="FOLDER",
+                        help="write FOLDER/acceptance.json (start-up calibration's tau by budget) from the first "
+                             "--drafters variant at the largest corpus share, pooled over the --eval folders")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if any(not 0 <= f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in [0, 1]")
-    variants = {spec: parse_variant(spec) for spec in args.drafters}
-    if bad := [spec for spec, (name, _) in variants.items() if name not in ("none", "eagle")]:
+    if min(args.budgets) < 1:
+        parser.error("--budgets must be positive")
+    if bad := [spec for spec in args.drafters if parse_variant(spec)[0] not in ("none", "eagle")]:
         parser.error(f"--drafters: unknown model drafter in {bad}; choose none or eagle")
+    if args.save_acceptance and not args.eval:
+        parser.error("--save-acceptance needs --eval (answers no corpus shard holds)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ServerConfig(drafter_path=args.drafter_path)
     held, train = replay_sets(args.data, args.heldout_shards, args.eval)
     held = {f: [{**r, "input_ids": r["input_ids"][:r["prompt_len"] + args.max_tokens]}
                 for r in records[:args.max_records or None]] for f, records in held.items()}
-    target = hf_model(cfg) if any(name == "eagle" for name, _ in variants.values()) else None
+    target = hf_model(cfg) if any(parse_variant(s)[0] == "eagle" for s in args.drafters) else None
     features = {}
     if target is not None:
         for f, records in held.items():
             for r in tqdm(records, desc=f"features {Path(f).name}", unit="rec"):
                 features[f, r["id"]] = target_features(target, [r["input_ids"]])[0]        # [L, H]
-    rows = []
-    for spec, (name, options) in variants.items():
-        run_cfg = ServerConfig(**merge_options(cfg.model_dump(), options))
-        model = model_drafter(name, run_cfg, target)
-        for fraction in args.fractions:
-            t = time.perf_counter()
-            corpus = corpus_for(train, fraction, run_cfg.hybrid.corpus_options())
-            build_s = time.perf_counter() - t
-            drafter = HybridDrafter(model, run_cfg.hybrid, run_cfg.max_draft_tokens, corpus)
-            for folder, records in held.items():
-                tokens = steps = 0
-                t = time.perf_counter()
-                for r in tqdm(records, desc=f"{name} {Path(folder).name} corpus {fraction:g}", unit="rec"):
-                    n, s = replay(drafter, r["id"], r["input_ids"], r["prompt_len"],
-                                  features.get((folder, r["id"]), torch.empty(0)), args.budget)
-                    tokens, steps = tokens + n, steps + s
-                rows.append({"drafter": spec, "folder": folder, "fraction": fraction,
-                             "corpus_tokens": corpus.num_tokens if corpus else 0, "index_build_s": round(build_s, 2),
-                             "records": len(records), "tokens": tokens, "steps": steps,
-                             "tau": round(tokens / max(1, steps), 4),
-                             "draft_ms_per_step": round(1000 * (time.perf_counter() - t) / max(1, steps), 2)})
-                print(json.dumps(rows[-1]), flush=True)
+    rows = [row for spec in args.drafters
+            for row in replay_variant(spec, cfg, target, train, held, features, args.fractions, args.budgets)]
     report = {"command": "python -m bench.lookup_replay " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "budget": args.budget, "max_tokens": args.max_tokens,
-              "heldout_shards": args.heldout_shards, "hybrid": cfg.hybrid.model_dump(), "results": rows}
+              "machine": machine_info(), "max_tokens": args.max_tokens, "heldout_shards": args.heldout_shards,
+              "hybrid": cfg.hybrid.model_dump(), "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))
+    if args.save_acceptance:
+        save_acceptance(report, data_folders(args.eval), Path(args.save_acceptance), out)
     return report
+
+
+def save_acceptance(report: dict, evals: list[Path], folder: Path, source: Path) -> None:
+    """``acceptance.json`` in ``folder``: per budget, τ of the report's first variant at its largest corpus
+    share over the ``evals`` folders' records together (tokens / steps)."""
+    first = report["results"][0]["drafter"]
+    share = max(r["fraction"] for r in report["results"] if r["drafter"] == first)
+    mine = [r for r in report["results"] if r["drafter"] == first and r["fraction"] == share
+            and Path(r["folder"]) in evals]
+    budgets = sorted({r["budget"] for r in mine})
+    tau = {str(b): round(sum(r["tokens"] for r in mine if r["budget"] == b)
+                         / sum(r["steps"] for r in mine if r["budget"] == b), 4) for b in budgets}
+    data = {"tau_by_budget": tau, "source": str(source), "date": report["date"], "variant": first,
+            "corpus_share": share, "replayed": [str(f) for f in evals], "max_new_tokens": report["max_tokens"],
+            "note": "greedy; offline replay (bench/lookup_replay.py) of the target's own answers"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "acceptance.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {folder / 'acceptance.json'}: {tau}")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,21 @@ class _Shard:
         }
 
 
+def as_prompt_record(r: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``r`` with a ``prompt`` (a Spec-Bench question's first turn, its ``question_id`` as ``id``)."""
+    if "prompt" in r:
+        return r
+    if r.get("turns"):
+        return {"id": str(r.get("question_id", "")), "source": r.get("category", ""), "prompt": r["turns"][0]}
+    raise ValueError(f"{path}: a record has neither `prompt` nor Spec-Bench `turns` (keys: {sorted(r)})")
+
+
 def load_prompts(path: str | Path, tokenizer: Any, seed: int, max_prompt_len: int, limit: int | None
                  ) -> list[tuple[dict[str, Any], list[int]]]:
-    """Shuffled records whose rendered prompt has at most ``max_prompt_len`` tokens, with their ids."""
+    """Shuffled records whose rendered prompt has at most ``max_prompt_len`` tokens, with their ids. A
+    Spec-Bench question (``question_id``, ``category``, ``turns``) counts as a record of its first turn."""
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [as_prompt_record(json.loads(line), path) for line in f if line.strip()]
     random.Random(seed).shuffle(records)
     kept = []
     for r in records:
@@ -217,7 +227,8 @@ def past(deadline: float | None) -> bool:
 def add_distill_flags(parser: argparse.ArgumentParser) -> None:
     """``treespec distill`` flags (the engine's own flags come from ``ServerConfig``)."""
     g = parser.add_argument_group("distillation")
-    g.add_argument("--data", required=True, help="JSONL with a `prompt` (and `id`) per record")
+    g.add_argument("--data", required=True, help="JSONL with a `prompt` (and `id`) per record, or "
+                   "Spec-Bench questions (first turns)")
     g.add_argument("--out", required=True, help="folder for the shards and meta.json (resumable)")
     g.add_argument("--seed", type=int, default=0, help="record shuffle, sampled share and sampling seeds")
     g.add_argument("--shard-size", type=int, default=256, help="records per shard")

@@ -42,16 +42,22 @@ def test_main_holds_out_the_last_shard_and_replays_eval_folders(tmp_path):
     data, evals = tmp_path / "distill", tmp_path / "eval"
     data.mkdir()
     evals.mkdir()
-    write_shard(data / "shard_00000.npz", [(PROMPT, ANSWER), ([1, 2], [30, 31, 32])])
-    write_shard(data / "shard_00001.npz", [(PROMPT, ANSWER)])
+    long = list(range(11, 27))                                     # 16 tokens
+    write_shard(data / "shard_00000.npz", [(PROMPT, long), ([1, 2], [30, 31, 32])])
+    write_shard(data / "shard_00001.npz", [(PROMPT, long)])
     write_shard(evals / "shard_00000.npz", [([3], ANSWER), ([4], [40, 41])])
     out = tmp_path / "r.json"
     report = main(["--data", str(data), "--eval", str(evals), "--drafters", "none", "--fractions", "0", "1",
-                   "--out", str(out)])
-    rows = {(r["folder"], r["fraction"]): r for r in report["results"]}
-    assert len(rows) == 4 and json.loads(out.read_text()) == report and out.with_suffix(".png").is_file()
-    held, whole = rows[str(data), 1.0], rows[str(evals), 1.0]
+                   "--budgets", "4", "8", "--save-acceptance", str(tmp_path / "ckpt"), "--out", str(out)])
+    rows = {(r["folder"], r["fraction"], r["budget"]): r for r in report["results"]}
+    assert len(rows) == 8 and json.loads(out.read_text()) == report and out.with_suffix(".png").is_file()
+    held, whole = rows[str(data), 1.0, 8], rows[str(evals), 1.0, 8]
     assert held["records"] == 1 and whole["records"] == 2
-    assert held["corpus_tokens"] == len(ANSWER) + 1 + 3 + 1            # shard 0's answers, each + a separator
-    assert held["steps"] < rows[str(data), 0.0]["steps"]                 # the corpus holds the held-out answer
+    assert held["corpus_tokens"] == len(long) + 1 + 3 + 1               # shard 0's answers, each + a separator
     assert whole["tokens"] == len(ANSWER) - 1 + 1
+    # no corpus: one token per step; corpus continuations of 6 tokens: 12, then 13-18 + 19, then 20-25 + 26;
+    # a 4-node budget cuts them: 12, 13-16 + 17, 18-21 + 22, 23-26
+    assert [rows[str(data), f, b]["steps"] for f, b in ((0.0, 8), (1.0, 8), (1.0, 4))] == [15, 3, 4]
+    saved = json.loads((tmp_path / "ckpt" / "acceptance.json").read_text())      # eval folder, full corpus
+    assert saved["tau_by_budget"] == {str(b): round(rows[str(evals), 1.0, b]["tokens"] / rows[str(evals), 1.0, b]
+                                                    ["steps"], 4) for b in (4, 8)}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from drafters.train.distill import chat_prompt_ids, distill, distill_shards, is_sampled
+from drafters.train.distill import chat_prompt_ids, distill, distill_shards, is_sampled, load_prompts
 from drafters.train.features import (
     FREQ_FILE,
     feature_chunks,
@@ -194,3 +194,14 @@ def test_a_grown_distillation_folder_only_adds_feature_shards(tmp_path, models):
     assert len(loads) == 2                                         # complete again: nothing extracted
     with pytest.raises(ValueError, match="another run"):
         prepare_features(load_target, "m", both, work, max_len=64, shard_size=4, batch_tokens=256)
+
+
+def test_spec_bench_questions_are_prompts_of_their_first_turn(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["first", "second"]}) + "\n")
+    tok = ChatByteTokenizer()
+    [(record, ids)] = load_prompts(path, tok, 0, 100, None)
+    assert record == {"id": "81", "source": "writing", "prompt": "first"} and ids == chat_prompt_ids(tok, "first")
+    path.write_text(json.dumps({"id": "x", "text": "no prompt"}) + "\n")
+    with pytest.raises(ValueError, match="neither `prompt` nor"):
+        load_prompts(path, tok, 0, 100, None)
