@@ -80,19 +80,22 @@ def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: tor
     return len(ids) - start - 1, steps
 
 
-def replay_sets(data: str, heldout_shards: int, evals: str | None) -> tuple[dict[str, list[dict]], list[list[Path]]]:
-    """Greedy records to replay per folder, and each ``data`` folder's training shards (in order)."""
-    held, train = {}, []
+def replay_sets(data: str, heldout_shards: int, evals: str | None
+                ) -> tuple[dict[str, list[dict]], list[list[Path]], dict[str, list[str]]]:
+    """Greedy records to replay per folder, each ``data`` folder's training shards (in order), and the
+    shard files replayed per folder."""
+    replayed: dict[str, list[Path]] = {}
+    train = []
     for folder in data_folders(data):
         shards, kept = hold_out_last([distill_shards(folder)], heldout_shards)
         if not shards:
             raise ValueError(f"{folder}: needs more than {heldout_shards} shard(s) to hold some out")
-        held[str(folder)] = [r for path in kept for r in shard_records(path) if r["temperature"] == 0.0]
+        replayed[str(folder)] = kept
         train.append(shards)
     for folder in data_folders(evals) if evals else []:
-        held[str(folder)] = [r for path in distill_shards(folder) for r in shard_records(path)
-                             if r["temperature"] == 0.0]
-    return held, train
+        replayed[str(folder)] = distill_shards(folder)
+    held = {f: [r for p in paths for r in shard_records(p) if r["temperature"] == 0] for f, paths in replayed.items()}
+    return held, train, {f: [p.name for p in paths] for f, paths in replayed.items()}
 
 
 def corpus_for(train: list[list[Path]], fraction: float, options: dict) -> CorpusIndex | None:
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ServerConfig(drafter_path=args.drafter_path)
-    held, train = replay_sets(args.data, args.heldout_shards, args.eval)
+    held, train, replayed = replay_sets(args.data, args.heldout_shards, args.eval)
     held = {f: [{**r, "input_ids": r["input_ids"][:r["prompt_len"] + args.max_tokens]}
                 for r in records[:args.max_records or None]] for f, records in held.items()}
     target = hf_model(cfg) if any(parse_variant(s)[0] == "eagle" for s in args.drafters) else None
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": "python -m bench.lookup_replay " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(), "max_tokens": args.max_tokens, "heldout_shards": args.heldout_shards,
-              "hybrid": cfg.hybrid.model_dump(), "results": rows}
+              "replayed_shards": replayed, "hybrid": cfg.hybrid.model_dump(), "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -53,6 +53,7 @@ def test_main_holds_out_the_last_shard_and_replays_eval_folders(tmp_path):
     assert len(rows) == 8 and json.loads(out.read_text()) == report and out.with_suffix(".png").is_file()
     held, whole = rows[str(data), 1.0, 8], rows[str(evals), 1.0, 8]
     assert held["records"] == 1 and whole["records"] == 2
+    assert report["replayed_shards"] == {str(data): ["shard_00001.npz"], str(evals): ["shard_00000.npz"]}
     assert held["corpus_tokens"] == len(long) + 1 + 3 + 1               # shard 0's answers, each + a separator
     assert whole["tokens"] == len(ANSWER) - 1 + 1
     # no corpus: one token per step; corpus continuations of 6 tokens: 12, then 13-18 + 19, then 20-25 + 26;
