@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from bench.compare import parse_variant
+from bench.compare import parse_variant, shape_for
 from bench.harness import hf_model, machine_info
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.corpus import CorpusIndex
@@ -154,17 +154,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def replay_variant(spec: str, cfg: ServerConfig, target, train: list[list[Path]], held: dict[str, list[dict]],
                    features: dict, fractions: list[float], budgets: list[int]) -> list[dict]:
-    """One row per (corpus share, budget, folder) of one ``--drafters`` variant."""
+    """One row per (corpus share, budget, folder) of one ``--drafters`` variant; each budget drafts with the
+    tree shape ``treespec bench --compare`` gives it (``bench.compare.shape_for``)."""
     name, options = parse_variant(spec)
-    run_cfg = ServerConfig(**merge_options(cfg.model_dump(), options))
-    model = model_drafter(name, run_cfg, target)
+    configs = {b: ServerConfig(**merge_options(cfg.model_dump(), merge_options(shape_for(b), options))) for b in budgets}
+    models = {b: model_drafter(name, c, target) for b, c in configs.items()}
     rows = []
     for fraction in fractions:
         t = time.perf_counter()
-        corpus = corpus_for(train, fraction, run_cfg.hybrid.corpus_options())
+        corpus = corpus_for(train, fraction, configs[budgets[0]].hybrid.corpus_options())
         build_s = time.perf_counter() - t
-        drafter = HybridDrafter(model, run_cfg.hybrid, max(budgets + [run_cfg.max_draft_tokens]), corpus)
         for budget in budgets:
+            drafter = HybridDrafter(models[budget], configs[budget].hybrid, budget, corpus)
             for folder, records in held.items():
                 tokens = steps = 0
                 t = time.perf_counter()
