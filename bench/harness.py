@@ -185,19 +185,19 @@ def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, 
 
 def save_acceptance(cfg: ServerConfig, name: str, report: dict, source: Path) -> None:
     """``acceptance.json`` (tau by budget, for start-up calibration) beside the drafter's checkpoint."""
-    from drafters.registry import shipped_drafter
+    from drafters.registry import save_acceptance_profile, shipped_drafter
 
     folder = Path(cfg.drafter_path) if cfg.drafter_path else shipped_drafter(cfg.model, name)
     if folder is None or not folder.is_dir():
         print(f"{name}: no checkpoint folder to write acceptance.json to")
         return
     runs = [v for v in report["compare"]["variants"].values() if v.get("variant") == name]  # without options
-    data = {"tau_by_budget": {str(v["budget"]): round(v["overall"]["tau"], 4) for v in runs},
-            "source": str(source), "date": report["date"], "questions": report["config"]["questions"],
-            "num_questions": report["config"]["num_questions"], "max_new_tokens": report["config"]["max_new_tokens"],
-            "note": "greedy; tree shape per budget as bench/compare.py:shape_for"}
-    (folder / "acceptance.json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {folder / 'acceptance.json'}")
+    path = save_acceptance_profile(folder, {v["budget"]: v["overall"]["tau"] for v in runs},
+                                   source=str(source), date=report["date"], questions=report["config"]["questions"],
+                                   num_questions=report["config"]["num_questions"],
+                                   max_new_tokens=report["config"]["max_new_tokens"],
+                                   note="greedy; tree shape per budget as bench/compare.py:shape_for")
+    print(f"wrote {path}")
 
 
 def print_summary(report: dict, out: Path) -> None:

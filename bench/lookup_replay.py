@@ -41,6 +41,7 @@ from bench.harness import hf_model, machine_info
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.corpus import CorpusIndex
 from drafters.hybrid import HybridDrafter
+from drafters.registry import DRAFTERS, save_acceptance_profile
 from drafters.train.distill import distill_shards
 from drafters.train.features import data_folders, hold_out_last, shard_records, target_features
 from drafters.tree import DraftTree, accepted_length
@@ -111,8 +112,6 @@ def model_drafter(name: str, cfg: ServerConfig, target) -> Drafter:
     """The hybrid's model drafter: ``none`` or the registry's ``eagle`` (its checkpoint, dtype and tree shape)."""
     if name == "none":
         return NoModel(cfg.max_draft_tokens)
-    from drafters.registry import DRAFTERS
-
     return DRAFTERS[name](cfg, SimpleNamespace(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head))
 
 
@@ -246,15 +245,15 @@ def save_acceptance(report: dict, evals: list[Path], folder: Path, source: Path)
     share = max(r["fraction"] for r in report["results"] if r["drafter"] == first)
     mine = [r for r in report["results"] if r["drafter"] == first and r["fraction"] == share
             and Path(r["folder"]) in evals]
-    budgets = sorted({r["budget"] for r in mine})
-    tau = {str(b): round(sum(r["tokens"] for r in mine if r["budget"] == b)
-                         / sum(r["steps"] for r in mine if r["budget"] == b), 4) for b in budgets}
-    data = {"tau_by_budget": tau, "source": str(source), "date": report["date"], "variant": first,
-            "corpus_share": share, "replayed": [str(f) for f in evals], "max_new_tokens": report["max_tokens"],
-            "note": "greedy; offline replay (bench/lookup_replay.py) of the target's own answers"}
+    tau = {b: sum(r["tokens"] for r in mine if r["budget"] == b) / sum(r["steps"] for r in mine if r["budget"] == b)
+           for b in {r["budget"] for r in mine}}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "acceptance.json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {folder / 'acceptance.json'}: {tau}")
+    path = save_acceptance_profile(folder, tau, source=str(source), date=report["date"], variant=first,
+                                   corpus_share=share, replayed=[str(f) for f in evals],
+                                   max_new_tokens=report["max_tokens"],
+                                   note="greedy; offline replay (bench/lookup_replay.py) of the target's own "
+                                        "answers; tree shape per budget as bench/compare.py:shape_for")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,15 @@ def load_acceptance_profile(folder: Path) -> dict[int, float] | None:
     return {int(k): float(v) for k, v in json.loads(f.read_text())["tau_by_budget"].items()}
 
 
+def save_acceptance_profile(folder: Path, tau_by_budget: dict[int, float], **meta) -> Path:
+    """Write ``folder/acceptance.json`` (what ``load_acceptance_profile`` reads): τ by budget, rounded to 4
+    places, then ``meta`` (where it was measured)."""
+    path = Path(folder) / "acceptance.json"
+    data = {"tau_by_budget": {str(b): round(t, 4) for b, t in sorted(tau_by_budget.items())}, **meta}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
 def _auto(cfg, target) -> Drafter | None:
     """The hybrid (prompt lookup + EAGLE) when the model has a shipped EAGLE drafter (or ``--drafter-path``
     is given), else none. Measured on the embedded model (bench/results/README.md, "Speculation that pays"):
