@@ -88,21 +88,25 @@ class _Shard:
         }
 
 
-def as_prompt_record(r: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """``r`` with a ``prompt`` (a Spec-Bench question's first turn, its ``question_id`` as ``id``)."""
-    if "prompt" in r:
-        return r
-    if r.get("turns"):
-        return {"id": str(r.get("question_id", "")), "source": r.get("category", ""), "prompt": r["turns"][0]}
-    raise ValueError(f"{path}: a record has neither `prompt` nor Spec-Bench `turns` (keys: {sorted(r)})")
+def read_prompt_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL of prompts (``prompt``, ``id``), or of a Spec-Bench question file
+    (``bench.questions``: each question's first turn, its ``question_id`` as ``id``)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if records and "prompt" not in records[0] and "turns" in records[0]:
+        from bench.questions import load_questions
+
+        return [{"id": str(q.question_id), "source": q.category, "prompt": q.turns[0]} for q in load_questions(path)]
+    if bad := next((r for r in records if "prompt" not in r), None):
+        raise ValueError(f"{path}: a record has neither `prompt` nor Spec-Bench `turns` (keys: {sorted(bad)})")
+    return records
 
 
 def load_prompts(path: str | Path, tokenizer: Any, seed: int, max_prompt_len: int, limit: int | None
                  ) -> list[tuple[dict[str, Any], list[int]]]:
     """Shuffled records whose rendered prompt has at most ``max_prompt_len`` tokens, with their ids. A
     Spec-Bench question (``question_id``, ``category``, ``turns``) counts as a record of its first turn."""
-    with open(path) as f:
-        records = [as_prompt_record(json.loads(line), path) for line in f if line.strip()]
+    records = read_prompt_records(path)
     random.Random(seed).shuffle(records)
     kept = []
     for r in records:
