@@ -104,8 +104,7 @@ def corpus_for(train: list[list[Path]], fraction: float, options: dict) -> Corpu
     if fraction == 0:
         return None
     paths = [p for shards in train for p in shards[:max(1, round(fraction * len(shards)))]]
-    return CorpusIndex.from_records([r["input_ids"][r["prompt_len"]:] for p in paths for r in shard_records(p)],
-                                    **options)
+    return CorpusIndex.from_shards(map(shard_records, paths), **options)
 
 
 def model_drafter(name: str, cfg: ServerConfig, target) -> Drafter:

@@ -16,6 +16,7 @@ prefix carries the share of occurrences that agree on it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,13 @@ class CorpusIndex:
         comma-joined, as ``train-drafter --data``)."""
         from drafters.train.features import distilled_shards
 
-        return cls.from_records([r["input_ids"][r["prompt_len"]:] for shard in distilled_shards(data) for r in shard],
-                                **options)
+        return cls.from_shards(distilled_shards(data), **options)
+
+    @classmethod
+    def from_shards(cls, shards: Iterable[list[dict]], **options) -> CorpusIndex:
+        """An index of the answers (prompts left out) of distillation shards' records
+        (``drafters.train.features.shard_records``)."""
+        return cls.from_records([r["input_ids"][r["prompt_len"]:] for shard in shards for r in shard], **options)
 
     @property
     def num_tokens(self) -> int:
