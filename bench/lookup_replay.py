@@ -16,7 +16,7 @@ the target's greedy answers to MT-bench, which no corpus holds). Writes JSON (co
 per variant and folder) and a PNG::
 
     python -m bench.lookup_replay --data drafters/data/smollm2-distill,drafters/data/smollm2-distill-self \\
-        --eval .cache/mtbench-answers --out bench/results/issue8/lookup_replay.json
+        --eval bench/results/issue8/mtbench_answers --out bench/results/issue8/lookup_replay.json
 
 Features come from one full-sequence forward, the engine's from incremental steps: equal up to rounding,
 so an EAGLE draft can rarely differ from the served one; lookup variants are exact.
