@@ -13,7 +13,8 @@ from drafters.registry import build_drafter
 from server.cache.block_pool import BlockPool
 from server.cache.kv_manager import KVManager
 from server.config import ServerConfig
-from server.engine.budget import BudgetPolicy, calibration_grid, choose_budgets, format_table, monotone
+from server.engine.budget import (BudgetPolicy, calibration_grid, choose_budgets, format_table, monotone,
+                                  tau_at)
 from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
@@ -60,10 +61,10 @@ def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -
     batches, sizes = calibration_grid(cfg.max_num_seqs, cfg.max_draft_tokens)
     verify, contexts = measure_verify_table(runner, batches, sizes)
     c = runner.model.config
-    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, list(verify), sizes, device=runner.device,
-                               dtype=runner.kv_caches[0][0].dtype)
-    verify, draft = monotone(verify), monotone(draft)
     profile = drafter.acceptance_profile
+    draft = measure_draft_cost(drafter, c.hidden_size, c.vocab_size, list(verify), sizes, device=runner.device,
+                               dtype=runner.kv_caches[0][0].dtype, tau=lambda n: tau_at(n, profile))
+    verify, draft = monotone(verify), monotone(draft)
     policy = choose_budgets(verify, profile, draft, cfg.max_num_seqs)
     log.info("tree calibration in %.1f s (%s acceptance profile; %d context tokens per request), ms per "
              "step = verify + draft by tree size n (made monotone in batch and tree size):\n%s\n"

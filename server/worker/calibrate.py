@@ -9,6 +9,7 @@ once. ``server.engine.budget.choose_budgets`` turns the tables into the budget p
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -112,28 +113,34 @@ def _asks(tokens: dict[str, list[int]], budget: int) -> list[DraftRequest]:
     return [DraftRequest(rid, toks, SamplingParams(), budget) for rid, toks in tokens.items()]
 
 
-def _commit_one(drafter: Drafter, tokens: dict[str, list[int]], hidden_size: int, vocab_size: int,
-                g: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
-    """Tell the drafter every calibration request committed one more token, as after a plain step."""
+def _commit(drafter: Drafter, tokens: dict[str, list[int]], k: int, hidden_size: int, g: torch.Generator,
+            device: torch.device, dtype: torch.dtype) -> None:
+    """Tell the drafter every calibration request committed ``k`` more tokens (``k - 1`` accepted drafts
+    plus the target's next token, as after a verify step), copied from earlier in its own context as a
+    copy-heavy request's would be, so prompt lookup finds matches to graft."""
     updates = []
     for rid, toks in tokens.items():
-        nxt = int(torch.randint(0, vocab_size, (1,), generator=g))
-        features = torch.randn(1, hidden_size, generator=g).to(device, dtype)              # [1, hidden]
-        updates.append(AcceptUpdate(rid, len(toks) - 1, toks[-1:], features, nxt))
-        toks.append(nxt)
+        src = int(torch.randint(0, len(toks) - k, (1,), generator=g))
+        new = toks[src:src + k]                                                             # [k]
+        features = torch.randn(k, hidden_size, generator=g).to(device, dtype)              # [k, hidden]
+        updates.append(AcceptUpdate(rid, len(toks) - 1, toks[-1:] + new[:-1], features, new[-1]))
+        toks.extend(new)
     drafter.on_accept(updates)
 
 
 @torch.inference_mode()
 def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batches: list[int],
                        sizes: list[int], context: int = 256, repeats: int = 2, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> CostTable:
+                       dtype: torch.dtype = torch.float32,
+                       tau: Callable[[int], float] = lambda n: 1.0) -> CostTable:
     """Seconds of ``drafter.propose`` for ``b`` requests at once (the fastest of ``repeats``), per batch size
     and budget > 0.
 
     Each request starts from ``context`` random committed tokens with random features (that pass
-    is excluded); before every timed call each commits one more token, so the drafter's per-step
-    catching up is included. All calibration state is released afterwards."""
+    is excluded); before every timed call with budget ``n`` each commits ``round(tau(n))`` more
+    tokens (``tau``: the drafter's expected tokens per verify step), so the drafter's per-step
+    catching up is included at the size it has in serving. All calibration state is released
+    afterwards."""
     g = torch.Generator().manual_seed(0)
     tokens = {rid: torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
               for rid in calibration_ids(max(batches))}
@@ -148,9 +155,10 @@ def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batc
             drafter.propose(_asks(batch, max(sizes)))               # warm-up: runs the new requests' contexts
             table[b] = {}
             for n in (n for n in sizes if n > 0):
+                k = max(1, round(tau(n)))
                 times = []
                 for _ in range(repeats):
-                    _commit_one(drafter, batch, hidden_size, vocab_size, g, device, dtype)
+                    _commit(drafter, batch, k, hidden_size, g, device, dtype)
                     t = now(device)
                     drafter.propose(_asks(batch, n))
                     times.append(now(device) - t)

@@ -40,6 +40,39 @@ def test_measure_draft_cost_leaves_no_state(tiny_pair):
     assert all(c > 0 for row in costs.values() for c in row.values()) and not drafter.states
 
 
+def test_draft_cost_commits_what_a_verify_step_would(tiny_pair):
+    """Before each timed proposal a request commits round(tau(n)) tokens, copied from its own context
+    (so prompt lookup has matches), with one feature row per fed token."""
+    from helpers import tiny_hf_config
+
+    from drafters.eagle import EagleTreeDrafter
+    from drafters.eagle_model import EagleConfig, EagleDrafter
+    from server.worker.calibrate import measure_draft_cost
+
+    _, target = tiny_pair
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
+                       target.lm_head.weight).eval()
+    drafter = EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+    seen, on_accept = {}, drafter.on_accept
+
+    def record(updates):
+        for u in updates:
+            assert u.features.shape[0] == len(u.fed_tokens)
+            seen.setdefault(u.request_id, []).append((u.start, list(u.fed_tokens), u.next_token))
+        on_accept(updates)
+
+    drafter.on_accept = record
+    measure_draft_cost(drafter, 64, 211, [1], [4, 8], context=24, repeats=2, tau=lambda n: {4: 2.4, 8: 3.2}[n])
+    (start, context, root), *steps = next(iter(seen.values()))
+    assert start == 0 and len(context) == 24 and [len(fed) for _, fed, _ in steps] == [2, 2, 3, 3]
+    committed = context + [root]
+    for pos, fed, nxt in steps:
+        assert pos == len(committed) - 1 and fed[0] == committed[-1]
+        new = fed[1:] + [nxt]
+        assert any(committed[i:i + len(new)] == new for i in range(len(committed) - len(new)))
+        committed += new
+
+
 def test_engine_keeps_its_drafter_when_no_tree_pays(monkeypatch, default_model_dir):
     from drafters import registry
     from server import build
