@@ -13,8 +13,14 @@ from drafters.registry import build_drafter
 from server.cache.block_pool import BlockPool
 from server.cache.kv_manager import KVManager
 from server.config import ServerConfig
-from server.engine.budget import (BudgetPolicy, calibration_grid, choose_budgets, format_table, monotone,
-                                  tau_at)
+from server.engine.budget import (
+    BudgetPolicy,
+    calibration_grid,
+    choose_budgets,
+    format_table,
+    monotone,
+    tau_at,
+)
 from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
