@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import tiny_engine
 
-from server.worker.calibrate import measure_verify_cost, measure_verify_table
+from server.worker.calibrate import measure_draft_cost, measure_verify_cost, measure_verify_table
 
 
 def test_measure_verify_cost_frees_its_blocks():
@@ -24,17 +24,21 @@ def test_verify_table_shortens_or_skips_what_the_pool_cannot_hold():
     assert engine.scheduler.kv.pool.usage == 0.0
 
 
-def test_measure_draft_cost_leaves_no_state(tiny_pair):
+def tiny_eagle(tiny_pair):
+    """An untrained EAGLE tree drafter on the tiny target (8 nodes, depth 3, top-k 3)."""
     from helpers import tiny_hf_config
 
     from drafters.eagle import EagleTreeDrafter
     from drafters.eagle_model import EagleConfig, EagleDrafter
-    from server.worker.calibrate import measure_draft_cost
 
     _, target = tiny_pair
     net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
                        target.lm_head.weight).eval()
-    drafter = EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+    return EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+
+
+def test_measure_draft_cost_leaves_no_state(tiny_pair):
+    drafter = tiny_eagle(tiny_pair)
     costs = measure_draft_cost(drafter, 64, 211, [1, 3], [0, 4, 8], context=24, repeats=1)
     assert set(costs) == {1, 3} and all(set(row) == {4, 8} for row in costs.values())
     assert all(c > 0 for row in costs.values() for c in row.values()) and not drafter.states
@@ -43,16 +47,7 @@ def test_measure_draft_cost_leaves_no_state(tiny_pair):
 def test_draft_cost_commits_what_a_verify_step_would(tiny_pair):
     """Before each timed proposal a request commits round(tau(n)) tokens, copied from its own context
     (so prompt lookup has matches), with one feature row per fed token."""
-    from helpers import tiny_hf_config
-
-    from drafters.eagle import EagleTreeDrafter
-    from drafters.eagle_model import EagleConfig, EagleDrafter
-    from server.worker.calibrate import measure_draft_cost
-
-    _, target = tiny_pair
-    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
-                       target.lm_head.weight).eval()
-    drafter = EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+    drafter = tiny_eagle(tiny_pair)
     seen, on_accept = {}, drafter.on_accept
 
     def record(updates):
