@@ -34,6 +34,10 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--baseline", action="store_true", help="also run plain decoding: speedup, identity")
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate peer row")
     g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="with --baseline: split the questions into this many interleaved parts and run the two "
+                        "methods on each in turn, alternating which goes first (A B, B A, ...), so that the "
+                        "host's drift over the run falls on both alike")
     g.add_argument("--verify-cost", action="store_true",
                    help="also time target forwards against tree size (1..128 tokens, 256-token context)")
     g.add_argument("--compare", nargs="+", default=None, metavar="DRAFTER",
@@ -112,20 +116,27 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     }
     if args.compare:
         return write_compare(cfg, args, engine, prompts, report, served)
+    if args.rounds < 1 or args.rounds > len(prompts):
+        raise SystemExit(f"--rounds must be between 1 and the number of questions ({len(prompts)})")
     profile = StepProfile()
     run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
-    rows, wall = run_engine(engine, prompts, args.max_new_tokens, args.concurrency, drafter, profile)
+    plain = None
+    if args.baseline:
+        plain = engine if drafter == "none" else build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
+        run_engine(plain, warm, args.max_new_tokens, 1, "warm-up")
+    (rows, wall), base = run_rounds(engine, drafter, plain, prompts, args, profile)
+    report["config"]["rounds"] = args.rounds
     report["step_time_breakdown_ms"] = profile.mean_ms()
+    if hasattr(engine.scheduler.policy, "report"):   # ServedBudgets: what served steps made of calibration
+        report["served_budgets"] = engine.scheduler.policy.report()
     if args.verify_cost:
         costs = measure_verify_cost(engine.runner, VERIFY_SIZES, context=256, repeats=5)
         report["verify_cost_ms"] = {"context_tokens": 256, "note": "target forward + LM head over 1 + n tokens",
                                     "ms": {n: 1000 * c for n, c in costs.items()},
                                     "relative_to_n0": {n: c / costs[0] for n, c in costs.items()}}
     baseline = None
-    if args.baseline:
-        plain = engine if drafter == "none" else build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
-        run_engine(plain, warm, args.max_new_tokens, 1, "warm-up")
-        baseline, base_wall = run_engine(plain, prompts, args.max_new_tokens, args.concurrency, "plain decoding")
+    if base is not None:
+        baseline, base_wall = base
         report["baseline"] = method_results(baseline, base_wall, None)
     report["results"] = method_results(rows, wall, baseline)
     drafter_report = engine.runner.drafter.bench_report() if engine.runner.drafter else None
@@ -150,6 +161,20 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     plot(report, out.with_suffix(".png"))
     print_summary(report, out)
     return report
+
+
+def run_rounds(engine, drafter: str, plain, prompts, args: argparse.Namespace, profile: StepProfile):
+    """The engine's (and, given ``plain``, the baseline's) rows and summed wall time over ``args.rounds``
+    interleaved parts of the prompts, the order of the two alternating from part to part."""
+    runs = [(engine, drafter, profile)] + ([(plain, "plain decoding", None)] if plain is not None else [])
+    totals: list[tuple[list, float]] = [([], 0.0) for _ in runs]
+    for r in range(args.rounds):
+        order = list(enumerate(runs)) if r % 2 == 0 else list(enumerate(runs))[::-1]
+        for i, (eng, desc, prof) in order:
+            label = desc if args.rounds == 1 else f"{desc} ({r + 1}/{args.rounds})"
+            rows, wall = run_engine(eng, prompts[r::args.rounds], args.max_new_tokens, args.concurrency, label, prof)
+            totals[i] = (totals[i][0] + rows, totals[i][1] + wall)
+    return totals[0], (totals[1] if plain is not None else None)
 
 
 def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, report: dict,

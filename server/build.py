@@ -19,8 +19,10 @@ from server.engine.budget import (
     choose_budgets,
     format_table,
     monotone,
+    probe_budgets,
     tau_at,
 )
+from server.engine.budget_feedback import ServedBudgets
 from server.engine.llm_engine import LLMEngine
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.models.llama import LlamaConfig, LlamaModel
@@ -60,9 +62,10 @@ def kv_blocks(cfg: ServerConfig, model: LlamaModel, dtype: torch.dtype) -> int:
                                                                            * cfg.block_size)))
 
 
-def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -> BudgetPolicy:
+def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -> BudgetPolicy | ServedBudgets:
     """Measure verify and drafting cost per (batch size, tree size) on this machine and pick the draft
-    budget for every number of decoding requests (0: plain decoding at that load); logs the table."""
+    budget for every number of decoding requests (0: plain decoding at that load); logs the table.
+    With ``budget_feedback`` served steps keep checking each choice against its alternative."""
     t0 = time.perf_counter()
     batches, sizes = calibration_grid(cfg.max_num_seqs, cfg.max_draft_tokens)
     verify, contexts = measure_verify_table(runner, batches, sizes)
@@ -77,10 +80,11 @@ def calibrate_budget(runner: ModelRunner, drafter: Drafter, cfg: ServerConfig) -
              "-> draft budget by running batch size: %s",
              time.perf_counter() - t0, "measured" if profile else "heuristic", max(contexts.values()),
              format_table(verify, draft, profile, policy), policy.describe())
-    if max(policy.budgets) == 0:
+    probes = probe_budgets(verify, policy, profile, draft)
+    if max(policy.budgets) == 0 and (not cfg.budget_feedback or not any(probes)):
         log.warning("speculation off at every load: plain decoding is predicted faster on this machine "
                     "(--calibrate-tree false forces drafting)")
-    return policy
+    return ServedBudgets(policy, probes) if cfg.budget_feedback else policy
 
 
 def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
@@ -100,7 +104,7 @@ def build_engine(cfg: ServerConfig) -> tuple[LLMEngine, str]:
     runner = ModelRunner(model, kv, cfg.device, dtype, drafter, cfg.attention_backend)
     if cfg.cuda_graphs or (cfg.cuda_graphs is None and runner.device.type == "cuda" and runner.backend.graphable):
         runner.enable_cuda_graphs(cfg.max_num_seqs, lookahead, max_len)
-    policy = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
+    policy: BudgetPolicy | ServedBudgets = BudgetPolicy.fixed(lookahead, cfg.max_num_seqs)
     if drafter is not None and cfg.calibrate_tree and not drafter.calibratable:
         log.info("drafter %s is not calibrated at start-up: draft budget %d at every load", drafter.name,
                  lookahead)

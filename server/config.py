@@ -87,6 +87,11 @@ class ServerConfig(BaseModel):
                                                   "and tree size and pick, for every number of running requests, "
                                                   "the budget (0 .. max_draft_tokens) with the best tokens per "
                                                   "second; false: max_draft_tokens at every load")
+    budget_feedback: bool = Field(True, description="With calibrate_tree: keep checking each batch size's "
+                                                    "budget against its alternative (plain decoding, or the "
+                                                    "best tree where calibration chose plain decoding) on "
+                                                    "served steps, and serve whichever commits more tokens "
+                                                    "per second")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 

@@ -56,8 +56,8 @@ class Metrics:
         self.budget = Gauge("treespec_spec_budget", "Draft-tree budget (nodes per request) of the last step "
                             "with decoding requests", labels, registry=r)
         self.budget_table = Gauge("treespec_spec_budget_by_batch_size", "Draft-tree budget in force for "
-                                  "each number of decoding requests (start-up calibration, else "
-                                  "--max-draft-tokens)",
+                                  "each number of decoding requests (start-up calibration, checked on "
+                                  "served steps; else --max-draft-tokens)",
                                   labels + ["batch_size"], registry=r)
         self.recent: deque[int] = deque(maxlen=RECENT_STEPS)
         self.model_name = model_name
@@ -68,13 +68,9 @@ class Metrics:
             self.running.labels(model_name).set_function(lambda: len(scheduler.running))
             self.waiting.labels(model_name).set_function(lambda: len(scheduler.waiting))
             self.kv_usage.labels(model_name).set_function(lambda: scheduler.kv.pool.usage)
-            self.set_budget_table(scheduler.policy.table())
+            for b in scheduler.policy.table():   # the leader per batch size, which served steps may change
+                self.budget_table.labels(model_name, str(b)).set_function(lambda b=b: scheduler.policy.budget(b))
         self.live = scheduler is not None
-
-    def set_budget_table(self, table: dict[int, int]) -> None:
-        """Batch size -> draft budget, as the scheduler's ``BudgetPolicy`` holds it."""
-        for b, n in table.items():
-            self.budget_table.labels(self.model_name, str(b)).set(n)
 
     def observe(self, stats: StepStats) -> None:
         m = self.model_name

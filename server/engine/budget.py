@@ -37,6 +37,13 @@ class BudgetPolicy:
     def budget(self, num_decoding: int) -> int:
         return self.budgets[min(max(num_decoding, 1), len(self.budgets)) - 1]
 
+    def serve(self, num_decoding: int) -> int:
+        """This step's budget (a fixed policy serves its table; ``ServedBudgets`` also probes)."""
+        return self.budget(num_decoding)
+
+    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float) -> None:
+        """A served step's result; a fixed policy does not learn from it."""
+
     def table(self) -> dict[int, int]:
         """Batch size -> budget, for every batch size up to ``max_num_seqs``."""
         return {b: n for b, n in enumerate(self.budgets, start=1)}
@@ -137,6 +144,23 @@ def choose_budgets(verify: CostTable, profile: dict[int, float] | None = None, d
         rates = rates_at(b, verify, profile, draft)
         budgets.append(max(sorted(rates), key=lambda n: rates[n]))
     return BudgetPolicy(tuple(budgets))
+
+
+def probe_budgets(verify: CostTable, policy: BudgetPolicy, profile: dict[int, float] | None = None,
+                  draft: CostTable | None = None, floor: float = 0.85) -> tuple[int | None, ...]:
+    """The alternative ``ServedBudgets`` checks each chosen budget against on served steps: plain
+    decoding for a tree, the best predicted tree for plain decoding if it is predicted at least
+    ``floor`` times plain decoding's rate (else ``None``: no probing at that batch size)."""
+    probes: list[int | None] = []
+    for b, chosen in policy.table().items():
+        if chosen:
+            probes.append(0)
+            continue
+        rates = rates_at(b, verify, profile, draft)
+        trees = [n for n in sorted(rates) if n]
+        best = max(trees, key=lambda n: rates[n], default=None)
+        probes.append(best if best is not None and 0 in rates and rates[best] >= floor * rates[0] else None)
+    return tuple(probes)
 
 
 def format_table(verify: CostTable, draft: CostTable | None, profile: dict[int, float] | None,

@@ -79,8 +79,10 @@ class LLMEngine:
                         rid, len(req.token_ids), req.num_preemptions)
         stats_ttft, stats_itl, stats_e2e, reasons, drafted, accepted = [], [], [], [], [], []
         timings: dict[str, float] = {}
+        failed_any = False
         if not sched.empty:
             result, failed = self._execute_isolated(sched)
+            failed_any = bool(failed)
             timings = result.timings
             now = time.monotonic()
             for s in sched.scheduled:
@@ -125,10 +127,13 @@ class LLMEngine:
                     outputs.append(self._finish_output(req, tokens, text))
                 else:
                     outputs.append(self._output(req, tokens, text))
+        step_time = time.monotonic() - start
+        if not failed_any:
+            self.scheduler.observe(sched, gen_tokens, step_time)
         stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.scheduler.kv.pool.usage, num_prompt_tokens=prompt_tokens,
-            num_generation_tokens=gen_tokens, step_time=time.monotonic() - start,
+            num_generation_tokens=gen_tokens, step_time=step_time,
             ttft=stats_ttft, inter_token=stats_itl, e2e=stats_e2e, finished_reasons=reasons,
             drafted=drafted, accepted=accepted, timings=timings, spec_budget=sched.budget,
             num_preemptions=len(sched.preempted), num_recomputed_tokens=recomputed,

@@ -11,7 +11,8 @@ step stalls the streams running beside it.
 The draft budget of a step follows the load: the number of decoding requests at the start of the step
 picks it from the ``BudgetPolicy``, and every decoding request of that step gets it (unless its own
 ``draft_tokens`` says otherwise), capped by its remaining tokens, the context window and the step's
-token budget. Its lookahead KV slots are reserved to match.
+token budget. Its lookahead KV slots are reserved to match. A ``ServedBudgets`` policy also probes the
+alternative budget now and then, and ``observe`` reports each clean step back to it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from server.cache.kv_manager import KVManager
 from server.engine.budget import BudgetLog, BudgetPolicy
+from server.engine.budget_feedback import ServedBudgets
 from server.engine.request import Request, Status
 
 
@@ -31,7 +33,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens fed per step: decodes, tree tokens and prefill chunks
     num_lookahead_slots: int = 0  # most KV slots reserved per running request for draft-tree tokens
     max_model_len: int = 1 << 30  # lookahead never reaches past the context window
-    budget_policy: BudgetPolicy | None = None  # budget per decoding batch size (None: num_lookahead_slots)
+    budget_policy: BudgetPolicy | ServedBudgets | None = None  # per decoding batch size (None: lookahead slots)
     max_prefill_attention: int = 0  # most (query, key) pairs of a step's prefill chunks (0: unbounded)
     min_prefill_chunk: int = 16   # the first chunk of a step gets at least this many tokens (progress)
 
@@ -51,6 +53,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     budget: int | None = None     # the step's draft budget per decoding request (None: nothing decodes)
+    num_decoding: int = 0         # decoding requests at the start of the step (they chose the budget)
     prefix_query_tokens: int = 0  # tokens of the requests admitted this step
     prefix_hit_tokens: int = 0    # of which the prefix cache already held the KV
 
@@ -82,6 +85,14 @@ class Scheduler:
                                                                  config.max_num_seqs)
         self.budget_log = BudgetLog(self.policy.budget(1))
 
+    def observe(self, out: SchedulerOutput, tokens: int, seconds: float) -> None:
+        """Report a finished step to the budget policy if it was clean: every scheduled request decoded
+        (no prefill chunk), none was preempted, and ``tokens`` were committed in ``seconds``."""
+        clean = (out.budget is not None and not out.preempted and len(out.scheduled) == out.num_decoding
+                 and not any(s.is_prefill for s in out.scheduled))
+        if clean:
+            self.policy.observe(out.num_decoding, out.budget, tokens, seconds)
+
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -95,8 +106,9 @@ class Scheduler:
         decoding = [r for r in self.running if is_decoding(r)]
         queue = decoding + [r for r in self.running if not is_decoding(r)]   # decodes and verifies first
         if decoding:
-            out.budget = self.policy.budget(len(decoding))
-            self.budget_log.note(out.budget, len(decoding))
+            out.num_decoding = len(decoding)
+            out.budget = self.policy.serve(len(decoding))
+            self.budget_log.note(self.policy.budget(len(decoding)), len(decoding))
         kept: list[Request] = []
         step.decodes_left = len(decoding)
         while queue:

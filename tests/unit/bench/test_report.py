@@ -91,3 +91,28 @@ def test_save_acceptance_takes_the_drafters_own_variants_only(tmp_path):
                                              "overall": {"tau": 1.0}}}}}
     save_acceptance(ServerConfig(drafter_path=str(tmp_path)), "eagle", report, tmp_path / "r.json")
     assert json.loads((tmp_path / "acceptance.json").read_text())["tau_by_budget"] == {"8": 2.0}
+
+
+def test_rounds_interleave_the_two_methods(monkeypatch):
+    """--rounds: each method sees every question once; the order of the two alternates from part to part."""
+    import argparse
+
+    from bench import harness
+
+    calls = []
+
+    def fake_run_engine(engine, prompts, max_new_tokens, concurrency, desc, profile=None):
+        calls.append((engine, [p[0] for p in prompts]))
+        return [row(p[0], "a", 4, 1.0) for p in prompts], 1.5
+
+    monkeypatch.setattr(harness, "run_engine", fake_run_engine)
+    prompts = [(q, "a", [1, 2]) for q in range(7)]
+    args = argparse.Namespace(rounds=3, max_new_tokens=4, concurrency=2)
+    (rows, wall), (base, base_wall) = harness.run_rounds("spec", "eagle", "plain", prompts, args, None)
+    assert [c[0] for c in calls] == ["spec", "plain", "plain", "spec", "spec", "plain"]
+    assert [c[1] for c in calls[:2]] == [[0, 3, 6]] * 2 and calls[2][1] == [1, 4]
+    assert sorted(r.question_id for r in rows) == sorted(r.question_id for r in base) == list(range(7))
+    assert wall == base_wall == 4.5
+    calls.clear()
+    (rows, _), base = harness.run_rounds("spec", "eagle", None, prompts, args, None)
+    assert base is None and [c[0] for c in calls] == ["spec"] * 3 and len(rows) == 7

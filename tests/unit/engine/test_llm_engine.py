@@ -120,6 +120,7 @@ def test_smollm2_greedy_equals_transformers_batch1_and_batched(default_model_dir
     forced on (no calibration) all reproduce transformers' greedy output, alone and 8 at once."""
     from server.build import build_engine
     from server.config import ServerConfig
+    from server.engine.budget_feedback import ServedBudgets
 
     forced = {} if drafter == "auto" else {"drafter": drafter, "calibrate_tree": False, "max_draft_tokens": 8}
     engine, _ = build_engine(ServerConfig(model=str(default_model_dir), num_kv_blocks=256, **forced))
@@ -132,3 +133,5 @@ def test_smollm2_greedy_equals_transformers_batch1_and_batched(default_model_dir
     assert engine.scheduler.kv.pool.usage == 0.0
     if forced:
         assert engine.runner.drafter.name == drafter
+    else:                                          # calibrated, then checked on served steps
+        assert isinstance(engine.scheduler.policy, ServedBudgets)

@@ -1,0 +1,128 @@
+"""Budgets checked on served steps (torch-free): calibration's choice per batch size, kept only while
+the steps the server actually runs say it is faster than the alternative.
+
+Start-up calibration predicts a step's cost from timed forwards of synthetic requests, and served
+steps differ: other context lengths, drafters catching up on tokens, a host busier than at start-up.
+On MT-bench at 8 concurrent requests it predicted 1.17x plain decoding and the server ran at 0.91x
+(bench/results/issue8/mt_bench_c8_stage7.json). So the server keeps measuring. For each number of
+decoding requests ``b`` there are two arms: the calibrated budget (the *leader*) and its alternative
+(the *probe*: plain decoding where calibration chose a tree, the best predicted tree where it chose
+plain decoding). The leader serves; after every ``interval`` clean leader steps at ``b`` the probe
+serves one clean step. A clean step only decodes (no prefill chunk, no preemption), and its rate is
+the tokens it committed per second of the whole engine step.
+
+Each probe's rate over the leader's rate across the clean steps since the previous probe is one
+*paired* ratio: the host's speed and the requests' context lengths drift over minutes, and both sides
+of a ratio see the same. When the median of the last ``window`` ratios (at least ``min_pairs`` of
+them) exceeds 1 the arms swap; a tree must win by ``1 + margin`` to replace plain decoding, so near
+ties settle on plain decoding and stay there. While the leader holds, the interval doubles up to
+``max_interval``, so a settled choice costs at most ``1 / max_interval`` of the gap between the arms.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.budget import BudgetPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Arms:
+    """One batch size's leader and probe budgets and the paired measurements between them."""
+
+    leader: int
+    probe: int
+    interval: int
+    window: int
+    leader_tokens: int = 0        # committed by clean leader steps since the last probe
+    leader_seconds: float = 0.0
+    leader_steps: int = 0
+    ratios: deque[float] = field(default_factory=deque)   # probe rate / leader rate, oldest first
+
+    @property
+    def probe_due(self) -> bool:
+        return self.leader_steps >= self.interval
+
+
+class ServedBudgets:
+    """The scheduler's budget policy with feedback: ``serve`` picks a step's budget, ``observe`` reports
+    a clean step's committed tokens and seconds. ``budget``, ``table`` and ``describe`` give the leaders,
+    as ``BudgetPolicy`` does."""
+
+    def __init__(self, prior: BudgetPolicy, probes: tuple[int | None, ...], *, min_interval: int = 4,
+                 max_interval: int = 64, window: int = 7, min_pairs: int = 4, margin: float = 0.02):
+        if len(probes) != len(prior.budgets):
+            raise ValueError("one probe budget (or None) per batch size of the prior policy")
+        if not 1 <= min_pairs <= window or not 1 <= min_interval <= max_interval:
+            raise ValueError("need 1 <= min_pairs <= window and 1 <= min_interval <= max_interval")
+        self.prior = prior
+        self.min_interval, self.max_interval, self.min_pairs, self.margin = min_interval, max_interval, min_pairs, margin
+        self.arms: list[_Arms | None] = [
+            _Arms(n, p, min_interval, window, ratios=deque(maxlen=window)) if p is not None and p != n else None
+            for n, p in zip(prior.budgets, probes)]
+
+    def _index(self, num_decoding: int) -> int:
+        return min(max(num_decoding, 1), len(self.arms)) - 1
+
+    def budget(self, num_decoding: int) -> int:
+        """The leader: the budget in force for this many decoding requests."""
+        arms = self.arms[self._index(num_decoding)]
+        return arms.leader if arms else self.prior.budget(num_decoding)
+
+    def serve(self, num_decoding: int) -> int:
+        """This step's budget: the probe when one is due, else the leader."""
+        arms = self.arms[self._index(num_decoding)]
+        if arms is None:
+            return self.prior.budget(num_decoding)
+        return arms.probe if arms.probe_due else arms.leader
+
+    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float) -> None:
+        """A clean step's result: ``num_decoding`` requests at ``budget`` committed ``tokens`` in
+        ``seconds`` (the whole engine step)."""
+        i = self._index(num_decoding)
+        arms = self.arms[i]
+        if arms is None or seconds <= 0 or tokens <= 0:
+            return
+        if budget == arms.leader and not arms.probe_due:
+            arms.leader_tokens += tokens
+            arms.leader_seconds += seconds
+            arms.leader_steps += 1
+        elif budget == arms.probe and arms.probe_due:
+            arms.ratios.append((tokens / seconds) / (arms.leader_tokens / arms.leader_seconds))
+            arms.leader_tokens, arms.leader_seconds, arms.leader_steps = 0, 0.0, 0
+            self._decide(i + 1, arms)
+
+    def _decide(self, b: int, arms: _Arms) -> None:
+        if len(arms.ratios) < self.min_pairs:
+            return
+        ratio = statistics.median(arms.ratios)
+        if ratio > (1 + self.margin if arms.probe else 1.0):        # a tree must win by the margin
+            log.info("batch %d: budget %d committed %.2fx the tokens per second of budget %d over the last "
+                     "%d paired steps; serving %d", b, arms.probe, ratio, arms.leader, len(arms.ratios),
+                     arms.probe)
+            arms.leader, arms.probe = arms.probe, arms.leader
+            arms.ratios.clear()
+            arms.interval = self.min_interval
+        elif ratio < 1:
+            arms.interval = min(2 * arms.interval, self.max_interval)
+
+    def report(self) -> dict[int, dict]:
+        """Per batch size with a probe: leader, probe and the paired ratios so far (for benchmarks)."""
+        return {b: {"leader": a.leader, "probe": a.probe, "probe_over_leader": [round(r, 4) for r in a.ratios]}
+                for b, a in enumerate(self.arms, start=1) if a is not None}
+
+    def policy(self) -> BudgetPolicy:
+        """The leaders as a fixed policy."""
+        return BudgetPolicy(tuple(self.budget(b) for b in range(1, len(self.arms) + 1)))
+
+    def table(self) -> dict[int, int]:
+        return self.policy().table()
+
+    def describe(self) -> str:
+        probes = ", ".join(f"{b}: {a.probe}" for b, a in enumerate(self.arms, start=1) if a is not None)
+        return self.policy().describe() + (f" (checked on served steps against {probes})" if probes else "")
