@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 from helpers import (
@@ -155,3 +156,29 @@ def test_budget_policy_switches_drafting_off_and_on_losslessly(tiny_pair, kind):
     assert [r.spec.drafted_tokens > 0 for r in reqs] == [False, False, True]
     assert kind == "eagle" or reqs[2].spec.accepted_tokens > 0
     assert engine.scheduler.kv.pool.usage == 0.0 and (kind == "oracle" or not drafter.states)
+
+
+def test_served_budget_probes_alternate_trees_and_plain_steps_losslessly(tiny_pair):
+    """``ServedBudgets`` probing plain decoding after every clean tree step (interval 1): the engine
+    reports each clean step back, trees and plain steps alternate, and greedy output equals plain decoding."""
+    from server.engine.budget import BudgetPolicy
+    from server.engine.budget_feedback import ServedBudgets
+
+    hf, model = tiny_pair
+    ps, lengths = prompts(2), [20, 26]
+    policy = ServedBudgets(BudgetPolicy((6, 6)), (0, 0), min_interval=1, max_interval=1)
+    engine = tiny_engine(model, num_blocks=256, drafter=tiny_eagle(model), budget_policy=policy)
+    reqs = [engine.add_request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(ps, lengths))]
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    budgets = []
+    while engine.has_unfinished():
+        outputs, stats = engine.step()
+        budgets.append(stats.spec_budget)
+        for o in outputs:
+            got[o.request_id].extend(o.token_ids)
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        assert got[f"r{i}"] == reference_greedy(hf, p, n), f"prompt {i}"
+    decoding = [b for b in budgets if b is not None]
+    assert decoding.count(0) >= 3 and decoding.count(6) >= 3
+    assert any(a == 6 and b == 0 for a, b in pairwise(decoding))                      # a probe right after a tree
+    assert policy.arms[1].ratios                                                    # clean steps reached it
