@@ -9,19 +9,30 @@ decoding requests ``b`` there are two arms: the calibrated budget (the *leader*)
 (the *probe*: plain decoding where calibration chose a tree, the best predicted tree where it chose
 plain decoding). The leader serves; after every ``interval`` clean leader steps at ``b`` the probe
 serves one clean step. A clean step only decodes (no prefill chunk, no preemption), and its rate is
-the tokens it committed per second of the whole engine step.
+the tokens it committed per second of the whole engine step. A tree probing after plain steps first
+serves one unmeasured clean step: in it the drafter catches up on the tokens committed while it did not
+draft, a one-off cost that a tree leading step after step does not pay.
 
 Each probe's rate over the leader's rate across the clean steps since the previous probe is one
 *paired* ratio: the host's speed and the requests' context lengths drift over minutes, and both sides
-of a ratio see the same. When the median of the last ``window`` ratios (at least ``min_pairs`` of
-them) exceeds 1 the arms swap; a tree must win by ``1 + margin`` to replace plain decoding, so near
-ties settle on plain decoding and stay there. While the leader holds, the interval doubles up to
-``max_interval``, so a settled choice costs at most ``1 / max_interval`` of the gap between the arms.
+of a ratio see the same. Single steps are noisy (a tree step commits anywhere from ``b`` to
+``b * (depth + 1)`` tokens), and the window of ratios is re-tested after every probe, so a swap needs
+evidence: with ``m`` the mean log ratio over the last ``window`` probes (at least ``min_pairs``) and
+``se`` its standard error, plain decoding replaces a tree when ``m - z_plain * se > 0``, and a tree
+replaces plain decoding only when ``m - z_tree * se > log(1 + margin)``. Near ties and noise thus settle
+on plain decoding, which the promise "never slower than plain decoding" asks for. While the leader
+holds and the probe's mean does not clear its edge (0, or ``log(1 + margin)`` for a tree), the
+interval doubles up to ``max_interval`` (quadruples up to ``4 * max_interval`` while the probe is
+clearly worse: its mean plus ``z_tree`` standard errors below ``log(1 - clearly_worse)``), so a settled
+choice costs about ``1 / max_interval`` of the gap between the arms or less (twice that for a tree
+probing against plain decoding). ``bench/budget_feedback_sim.py`` measures all this on simulated noisy
+steps.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,11 +49,11 @@ class _Arms:
     leader: int
     probe: int
     interval: int
-    window: int
     leader_tokens: int = 0        # committed by clean leader steps since the last probe
     leader_seconds: float = 0.0
     leader_steps: int = 0
-    ratios: deque[float] = field(default_factory=deque)   # probe rate / leader rate, oldest first
+    warmed: bool = False          # a tree probe's unmeasured catch-up step is done
+    ratios: deque[float] = field(default_factory=deque)   # log(probe rate / leader rate), oldest first
 
     @property
     def probe_due(self) -> bool:
@@ -55,15 +66,17 @@ class ServedBudgets:
     as ``BudgetPolicy`` does."""
 
     def __init__(self, prior: BudgetPolicy, probes: tuple[int | None, ...], *, min_interval: int = 4,
-                 max_interval: int = 64, window: int = 7, min_pairs: int = 4, margin: float = 0.02):
+                 max_interval: int = 64, window: int = 12, min_pairs: int = 4, margin: float = 0.02,
+                 z_plain: float = 1.0, z_tree: float = 2.0, clearly_worse: float = 0.1):
         if len(probes) != len(prior.budgets):
             raise ValueError("one probe budget (or None) per batch size of the prior policy")
-        if not 1 <= min_pairs <= window or not 1 <= min_interval <= max_interval:
-            raise ValueError("need 1 <= min_pairs <= window and 1 <= min_interval <= max_interval")
+        if not 2 <= min_pairs <= window or not 1 <= min_interval <= max_interval:
+            raise ValueError("need 2 <= min_pairs <= window and 1 <= min_interval <= max_interval")
         self.prior = prior
-        self.min_interval, self.max_interval, self.min_pairs, self.margin = min_interval, max_interval, min_pairs, margin
+        self.min_interval, self.max_interval, self.min_pairs = min_interval, max_interval, min_pairs
+        self.margin, self.z_plain, self.z_tree, self.clearly_worse = margin, z_plain, z_tree, clearly_worse
         self.arms: list[_Arms | None] = [
-            _Arms(n, p, min_interval, window, ratios=deque(maxlen=window)) if p is not None and p != n else None
+            _Arms(n, p, min_interval, ratios=deque(maxlen=window)) if p is not None and p != n else None
             for n, p in zip(prior.budgets, probes)]
 
     def _index(self, num_decoding: int) -> int:
@@ -93,27 +106,37 @@ class ServedBudgets:
             arms.leader_seconds += seconds
             arms.leader_steps += 1
         elif budget == arms.probe and arms.probe_due:
-            arms.ratios.append((tokens / seconds) / (arms.leader_tokens / arms.leader_seconds))
+            if arms.probe and not arms.warmed:
+                arms.warmed = True
+                return
+            arms.warmed = False
+            arms.ratios.append(math.log((tokens / seconds) / (arms.leader_tokens / arms.leader_seconds)))
             arms.leader_tokens, arms.leader_seconds, arms.leader_steps = 0, 0.0, 0
             self._decide(i + 1, arms)
 
     def _decide(self, b: int, arms: _Arms) -> None:
-        if len(arms.ratios) < self.min_pairs:
+        n = len(arms.ratios)
+        if n < self.min_pairs:
             return
-        ratio = statistics.median(arms.ratios)
-        if ratio > (1 + self.margin if arms.probe else 1.0):        # a tree must win by the margin
+        m = statistics.fmean(arms.ratios)
+        se = statistics.stdev(arms.ratios) / math.sqrt(n)
+        edge = math.log(1 + self.margin) if arms.probe else 0.0        # what the probe must win by
+        if m > edge + (self.z_tree if arms.probe else self.z_plain) * se:
             log.info("batch %d: budget %d committed %.2fx the tokens per second of budget %d over the last "
-                     "%d paired steps; serving %d", b, arms.probe, ratio, arms.leader, len(arms.ratios),
-                     arms.probe)
+                     "%d paired steps (standard error %.2f); serving %d", b, arms.probe, math.exp(m),
+                     arms.leader, n, se, arms.probe)
             arms.leader, arms.probe = arms.probe, arms.leader
             arms.ratios.clear()
             arms.interval = self.min_interval
-        elif ratio < 1:
+        elif m + self.z_tree * se < math.log(1 - self.clearly_worse):  # far behind: probe 4x as rarely
+            arms.interval = min(4 * arms.interval, 4 * self.max_interval)
+        elif m <= edge:                                                 # else: promising, keep probing
             arms.interval = min(2 * arms.interval, self.max_interval)
 
     def report(self) -> dict[int, dict]:
         """Per batch size with a probe: leader, probe and the paired ratios so far (for benchmarks)."""
-        return {b: {"leader": a.leader, "probe": a.probe, "probe_over_leader": [round(r, 4) for r in a.ratios]}
+        return {b: {"leader": a.leader, "probe": a.probe,
+                    "probe_over_leader": [round(math.exp(r), 4) for r in a.ratios]}
                 for b, a in enumerate(self.arms, start=1) if a is not None}
 
     def policy(self) -> BudgetPolicy:
