@@ -36,6 +36,12 @@ def pre_query_ids(tokenizer: Any) -> list[int]:
     return tokenizer.encode(text[:text.index(_MARK)], add_special_tokens=False)
 
 
+def record_id(seed: int, attempt: int) -> str:
+    """``self-000042`` for seed 0 (the first file's ids), ``self-s1-000042`` for seed 1: files written with
+    different seeds can be distilled and trained on together without id clashes."""
+    return f"self-{attempt:06d}" if seed == 0 else f"self-s{seed}-{attempt:06d}"
+
+
 def normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -92,7 +98,7 @@ def generate_prompts(engine: Any, out: str | Path, num: int, *, seed: int = 0, t
                     meta["dropped"][reason] += 1
                     continue
                 seen.add(normalised(text))
-                sink.write(json.dumps({"id": f"self-{int(o.request_id):06d}", "source": SOURCE, "prompt": text,
+                sink.write(json.dumps({"id": record_id(seed, int(o.request_id)), "source": SOURCE, "prompt": text,
                                        "response": ""}) + "\n")
                 sink.flush()
                 meta["kept"] = len(seen)

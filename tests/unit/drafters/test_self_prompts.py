@@ -8,13 +8,18 @@ import json
 import pytest
 
 from drafters.train.distill import load_prompts
-from drafters.train.self_prompts import SOURCE, generate_prompts, pre_query_ids
+from drafters.train.self_prompts import SOURCE, generate_prompts, pre_query_ids, record_id
 from tests.helpers import ChatByteTokenizer
 
 
 def test_pre_query_is_the_template_before_the_user_message():
     tok = ChatByteTokenizer()
     assert tok.decode(pre_query_ids(tok)) == "<user>"
+
+
+def test_record_ids_keep_the_first_files_and_name_other_seeds():
+    assert record_id(0, 42) == "self-000042"
+    assert record_id(1, 42) == "self-s1-000042" != record_id(2, 42)
 
 
 def test_a_template_that_rewrites_the_message_is_refused():
