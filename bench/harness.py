@@ -17,6 +17,7 @@ from bench.questions import load_questions
 from bench.report import accepted_length_histogram, method_results, plot
 from bench.runner import StepProfile, run_engine, run_hf
 from server.config import ServerConfig, add_config_flags
+from server.engine.budget_feedback import ServedBudgets
 from server.worker.calibrate import measure_verify_cost
 
 VERIFY_SIZES = [0, 1, 3, 7, 15, 23, 31, 47, 63, 95, 127]  # tree nodes; the forward has 1 + n tokens
@@ -127,7 +128,7 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
     (rows, wall), base = run_rounds(engine, drafter, plain, prompts, args, profile)
     report["config"]["rounds"] = args.rounds
     report["step_time_breakdown_ms"] = profile.mean_ms()
-    if hasattr(engine.scheduler.policy, "report"):   # ServedBudgets: what served steps made of calibration
+    if isinstance(engine.scheduler.policy, ServedBudgets):   # what served steps made of calibration
         report["served_budgets"] = engine.scheduler.policy.report()
     if args.verify_cost:
         costs = measure_verify_cost(engine.runner, VERIFY_SIZES, context=256, repeats=5)

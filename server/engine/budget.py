@@ -34,8 +34,12 @@ class BudgetPolicy:
     def fixed(cls, budget: int, max_batch: int = 1) -> BudgetPolicy:
         return cls((budget,) * max(1, max_batch))
 
+    def index(self, num_decoding: int) -> int:
+        """The table row for this many decoding requests (beyond the table: its last row)."""
+        return min(max(num_decoding, 1), len(self.budgets)) - 1
+
     def budget(self, num_decoding: int) -> int:
-        return self.budgets[min(max(num_decoding, 1), len(self.budgets)) - 1]
+        return self.budgets[self.index(num_decoding)]
 
     def serve(self, num_decoding: int) -> int:
         """This step's budget (a fixed policy serves its table; ``ServedBudgets`` also probes)."""

@@ -79,17 +79,14 @@ class ServedBudgets:
             _Arms(n, p, min_interval, ratios=deque(maxlen=window)) if p is not None and p != n else None
             for n, p in zip(prior.budgets, probes)]
 
-    def _index(self, num_decoding: int) -> int:
-        return min(max(num_decoding, 1), len(self.arms)) - 1
-
     def budget(self, num_decoding: int) -> int:
         """The leader: the budget in force for this many decoding requests."""
-        arms = self.arms[self._index(num_decoding)]
+        arms = self.arms[self.prior.index(num_decoding)]
         return arms.leader if arms else self.prior.budget(num_decoding)
 
     def serve(self, num_decoding: int) -> int:
         """This step's budget: the probe when one is due, else the leader."""
-        arms = self.arms[self._index(num_decoding)]
+        arms = self.arms[self.prior.index(num_decoding)]
         if arms is None:
             return self.prior.budget(num_decoding)
         return arms.probe if arms.probe_due else arms.leader
@@ -97,7 +94,7 @@ class ServedBudgets:
     def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float) -> None:
         """A clean step's result: ``num_decoding`` requests at ``budget`` committed ``tokens`` in
         ``seconds`` (the whole engine step)."""
-        i = self._index(num_decoding)
+        i = self.prior.index(num_decoding)
         arms = self.arms[i]
         if arms is None or seconds <= 0 or tokens <= 0:
             return
