@@ -61,24 +61,20 @@ distill() {
     --max-minutes "${DISTILL_MINUTES:-8}" 2>&1 | tail -12
   tar -czf "$OUT/distill_shards.tgz" drafters/data/smollm2-distill
 }
-selfdistill() {   # general-domain data: answer the committed self-written prompts, then write and answer more
+selfdistill() {   # general-domain data: write more self-prompts (seed 100: the CPU files use seeds 0-2), answer them
   need_model selfdistill || return 1
   local engine="--model $MODEL --device cuda --max-num-seqs 256 --kv-cache-gib 16"
   # shellcheck disable=SC2086
-  $PY -m server.cli distill $engine --data drafters/data/smollm2-self-prompts.jsonl \
-    --out drafters/data/smollm2-distill-self --shard-size 128 --max-minutes "${DISTILL_MINUTES:-4}" 2>&1 | tail -6
-  # shellcheck disable=SC2086
-  $PY -m server.cli self-prompts $engine --out drafters/data/smollm2-self-prompts-gpu.jsonl --seed 1 \
+  $PY -m server.cli self-prompts $engine --out drafters/data/smollm2-self-prompts-gpu.jsonl --seed 100 \
     --num "${SELF_PROMPTS:-8192}" --in-flight 256 2>&1 | tail -4
   # shellcheck disable=SC2086
   $PY -m server.cli distill $engine --data drafters/data/smollm2-self-prompts-gpu.jsonl \
     --out drafters/data/smollm2-distill-self-gpu --shard-size 128 --max-minutes "${DISTILL_MINUTES:-4}" 2>&1 | tail -6
-  tar -czf "$OUT/selfdistill.tgz" drafters/data/smollm2-distill-self drafters/data/smollm2-self-prompts-gpu.jsonl \
-    drafters/data/smollm2-distill-self-gpu
+  tar -czf "$OUT/selfdistill.tgz" drafters/data/smollm2-self-prompts-gpu.jsonl drafters/data/smollm2-distill-self-gpu
 }
-train_data() {   # every distillation folder present, comma-joined (train-drafter --data)
-  local folders=drafters/data/smollm2-distill
-  for extra in drafters/data/smollm2-distill-self drafters/data/smollm2-distill-self-gpu; do
+train_data() {   # every finished distillation folder, comma-joined (train-drafter --data)
+  local folders=drafters/data/smollm2-distill extra
+  for extra in drafters/data/smollm2-distill-*; do
     [ -f "$extra/meta.json" ] && folders="$folders,$extra"
   done
   echo "$folders"
