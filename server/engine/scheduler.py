@@ -67,6 +67,20 @@ def is_decoding(req: Request) -> bool:
     return 0 < req.num_computed_tokens == len(req.token_ids) - 1
 
 
+def seeded_sample(req: Request) -> bool:
+    """A seeded sampled request: its output must not depend on the load, so it drafts only on a budget of
+    its own."""
+    return req.params.seed is not None and not req.params.greedy
+
+
+def follows_step_budget(req: Request) -> bool:
+    """Whether ``req`` drafts the step's budget in the server's tree shape (names no budget, shape or SWIFT
+    task of its own, and is not a seeded sample): only steps of such requests measure the budget."""
+    p = req.params
+    own = (p.draft_tokens, p.draft_depth, p.draft_top_k, p.task)
+    return all(o is None for o in own) and not seeded_sample(req)
+
+
 def chunk_within(pairs: float, context: int) -> int:
     """Most tokens ``n`` of a chunk after ``context`` computed tokens with ``n * (context + n) <= pairs``."""
     if math.isinf(pairs):
@@ -89,7 +103,7 @@ class Scheduler:
         """Report a finished step to the budget policy if it was clean: every scheduled request decoded
         (no prefill chunk), none was preempted, and ``tokens`` were committed in ``seconds``."""
         clean = (out.budget is not None and not out.preempted and len(out.scheduled) == out.num_decoding
-                 and not any(s.is_prefill for s in out.scheduled))
+                 and not any(s.is_prefill or not follows_step_budget(s.request) for s in out.scheduled))
         if clean:
             self.policy.observe(out.num_decoding, out.budget, tokens, seconds)
 
@@ -170,9 +184,12 @@ class Scheduler:
         the same alone and under any load, and the tree (hence the random draws) would follow the load."""
         remaining = req.params.max_tokens - req.num_output_tokens - 1
         room = self.config.max_model_len - len(req.token_ids)
-        wanted = req.params.draft_tokens if req.params.draft_tokens is not None else budget
-        if req.params.draft_tokens is None and req.params.seed is not None and not req.params.greedy:
-            wanted = 0      # a seeded sample must not depend on the load: its draft tree would
+        if req.params.draft_tokens is not None:
+            wanted = req.params.draft_tokens
+        elif seeded_sample(req):
+            wanted = 0
+        else:
+            wanted = budget
         return max(0, min(self.config.num_lookahead_slots, wanted, remaining, room))
 
     def _preempt(self, req: Request) -> None:

@@ -159,6 +159,24 @@ def test_scheduler_serves_probes_and_reports_only_clean_steps():
     assert policy.report()[B]["probe_over_leader"] == [0.5]
 
 
+@pytest.mark.parametrize("own", [{"draft_tokens": 2}, {"draft_depth": 2}, {"temperature": 0.8, "seed": 7}])
+def test_steps_with_a_request_off_the_step_budget_are_not_reported(own):
+    policy = at_batch(4, 0)
+    s = Scheduler(SchedulerConfig(B, 1024, 4, budget_policy=policy), KVManager(BlockPool(256, 4)))
+    reqs = [Request(str(i), list(range(6)), SamplingParams(max_tokens=200, temperature=0)) for i in range(B - 1)]
+    reqs.append(Request("own", list(range(6)), SamplingParams(max_tokens=200, **{"temperature": 0, **own})))
+    for r in reqs:
+        s.add(r)
+    s.schedule()
+    for _ in range(5):
+        for r in reqs:
+            s.commit(r, [42])
+        out = s.schedule()
+        assert out.budget == 4                                  # still served the leader
+        s.observe(out, B, 0.01)
+    assert policy.arms[B - 1].leader_steps == 0                # but never measured
+
+
 def test_report_lists_each_probed_batch_size():
     policy = ServedBudgets(BudgetPolicy((8, 4, 0)), (0, 0, None))
     serve(policy, 20, {0: 0.030, 4: 0.040}, TAU, batch=2)
