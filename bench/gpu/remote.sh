@@ -66,7 +66,8 @@ selfdistill() {   # general-domain data: write more self-prompts (seed 100: the 
   local engine="--model $MODEL --device cuda --max-num-seqs 256 --kv-cache-gib 16"
   # shellcheck disable=SC2086
   $PY -m server.cli self-prompts $engine --out drafters/data/smollm2-self-prompts-gpu.jsonl --seed 100 \
-    --num "${SELF_PROMPTS:-8192}" --in-flight 256 2>&1 | tail -4
+    --num "${SELF_PROMPTS:-8192}" --in-flight 256 --avoid "$(ls drafters/data/smollm2-self-prompts*.jsonl | grep -v gpu | paste -sd,)" \
+    2>&1 | tail -4
   # shellcheck disable=SC2086
   $PY -m server.cli distill $engine --data drafters/data/smollm2-self-prompts-gpu.jsonl \
     --out drafters/data/smollm2-distill-self-gpu --shard-size 128 --max-minutes "${DISTILL_MINUTES:-4}" 2>&1 | tail -6

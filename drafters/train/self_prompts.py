@@ -11,7 +11,8 @@ and writes them in the training-prompt format, ready for ``treespec distill --da
     {"id": "self-000042", "source": "self-prompt", "prompt": "...", "response": ""}
 
 Request ``k`` samples with seed ``seed * 1_000_003 + k``. Kept: requests that ended with the end-of-turn
-token, at least ``min_chars`` long, not a repeat (case and whitespace folded) of an earlier one. The file
+token, at least ``min_chars`` long, not a repeat (case and whitespace folded) of an earlier one or of
+a prompt in the ``avoid`` files (``--avoid``: the files written before, so sets stay disjoint). The file
 is appended as requests finish, so a rerun resumes after the last attempt recorded in ``<out>.meta.json``.
 """
 
@@ -63,15 +64,26 @@ def _state(out: Path) -> tuple[dict[str, Any], set[str]]:
     return meta, seen
 
 
+def prompts_in(paths: list[str | Path]) -> set[str]:
+    """The normalised prompts of the JSONL files ``paths``."""
+    found = set()
+    for path in paths:
+        with open(path) as f:
+            found |= {normalised(json.loads(line)["prompt"]) for line in f if line.strip()}
+    return found
+
+
 def generate_prompts(engine: Any, out: str | Path, num: int, *, seed: int = 0, temperature: float = 1.0,
                      top_p: float = 0.95, max_tokens: int = 128, min_chars: int = 16,
-                     in_flight: int = 64) -> dict[str, Any]:
-    """Append self-generated prompts to ``out`` until it holds ``num``; returns the run's counters."""
+                     in_flight: int = 64, avoid: list[str | Path] = ()) -> dict[str, Any]:
+    """Append self-generated prompts to ``out`` until it holds ``num`` (none found in the ``avoid`` files);
+    returns the run's counters."""
     from server.engine.request import SamplingParams
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta, seen = _state(out)
+    avoided = prompts_in(avoid)
     meta.update(seed=seed, temperature=temperature, top_p=top_p, max_tokens=max_tokens, min_chars=min_chars)
     prefix = pre_query_ids(engine.tokenizer)
     meta_file = _meta_file(out)
@@ -91,13 +103,14 @@ def generate_prompts(engine: Any, out: str | Path, num: int, *, seed: int = 0, t
                 if not o.finished or len(seen) >= num:
                     continue
                 text = engine.tokenizer.decode(tokens.pop(o.request_id), skip_special_tokens=True).strip()
+                key = normalised(text)
                 meta["attempts"] = next_attempt
                 reason = ("length" if o.finish_reason != "stop" else "short" if len(text) < min_chars
-                          else "repeat" if normalised(text) in seen else None)
+                          else "repeat" if key in seen or key in avoided else None)
                 if reason:
                     meta["dropped"][reason] += 1
                     continue
-                seen.add(normalised(text))
+                seen.add(key)
                 sink.write(json.dumps({"id": record_id(seed, int(o.request_id)), "source": SOURCE, "prompt": text,
                                        "response": ""}) + "\n")
                 sink.flush()
@@ -123,6 +136,8 @@ def add_self_prompt_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=int, default=128, help="longer user turns are dropped")
     g.add_argument("--min-chars", type=int, default=16, help="shorter user turns are dropped")
     g.add_argument("--in-flight", type=int, default=64, help="requests generated at once")
+    g.add_argument("--avoid", default="", help="comma-separated prompt files written before: their prompts "
+                                               "count as repeats")
 
 
 def run_self_prompts(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -132,6 +147,6 @@ def run_self_prompts(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     engine, _ = build_engine(cfg.model_copy(update={"drafter": "none"}))
     summary = generate_prompts(engine, args.out, args.num, seed=args.seed, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_prompt_tokens, min_chars=args.min_chars,
-                               in_flight=args.in_flight)
+                               in_flight=args.in_flight, avoid=[p for p in args.avoid.split(",") if p])
     print(json.dumps(summary, indent=2))
     return summary

@@ -1,5 +1,6 @@
 """Self-generated prompts (Magpie): the pre-query cut from the chat template, and real SmolLM2 user turns that
-are kept, deduplicated, reproducible, resumable and readable by ``treespec distill``."""
+are kept, deduplicated (also against earlier files), reproducible, resumable and readable by
+``treespec distill``."""
 
 from __future__ import annotations
 
@@ -55,3 +56,7 @@ def test_smollm2_writes_distinct_reproducible_prompts_and_resumes(default_model_
     assert len({r["id"] for r in more}) == 5 and resumed["attempts"] > first["attempts"]
     loaded = load_prompts(tmp_path / "a.jsonl", engine().tokenizer, 0, 1024, None)
     assert sorted(r["id"] for r, _ in loaded) == sorted(r["id"] for r in more)
+    other = generate_prompts(engine(), tmp_path / "c.jsonl", 2, avoid=[tmp_path / "a.jsonl"], **settings)
+    fresh = {json.loads(line)["prompt"].lower() for line in (tmp_path / "c.jsonl").read_text().splitlines()}
+    assert len(fresh) == 2 and not fresh & {r["prompt"].lower() for r in more}
+    assert other["dropped"]["repeat"] >= 1                     # the same seed wrote a.jsonl's prompts first
