@@ -34,7 +34,7 @@ SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
 
 DATA = Path(__file__).resolve().parent / "data"
 SHIPPED_CORPUS = {"SmolLM2-135M-Instruct": [DATA / "smollm2-distill", DATA / "smollm2-distill-self",
-                                           DATA / "smollm2-distill-self2"]}
+                                           DATA / "smollm2-distill-self2", DATA / "smollm2-distill-self3"]}
 
 
 def shipped_name(model: str) -> str:
