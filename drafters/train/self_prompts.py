@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,7 @@ def _meta_file(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
-def _state(out: Path) -> tuple[dict[str, Any], set[str]]:
-    """The run's counters (``<out>.meta.json``) and the normalised prompts already kept."""
-    meta_file = _meta_file(out)
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {
-        "attempts": 0, "kept": 0, "dropped": {"length": 0, "short": 0, "repeat": 0}}
-    seen = set()
-    if out.is_file():
-        with open(out) as f:
-            seen = {normalised(json.loads(line)["prompt"]) for line in f if line.strip()}
-    meta["kept"] = len(seen)
-    return meta, seen
-
-
-def prompts_in(paths: list[str | Path]) -> set[str]:
+def prompts_in(paths: Iterable[str | Path]) -> set[str]:
     """The normalised prompts of the JSONL files ``paths``."""
     found = set()
     for path in paths:
@@ -73,9 +61,19 @@ def prompts_in(paths: list[str | Path]) -> set[str]:
     return found
 
 
+def _state(out: Path) -> tuple[dict[str, Any], set[str]]:
+    """The run's counters (``<out>.meta.json``) and the normalised prompts already kept."""
+    meta_file = _meta_file(out)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {
+        "attempts": 0, "kept": 0, "dropped": {"length": 0, "short": 0, "repeat": 0}}
+    seen = prompts_in([out] if out.is_file() else [])
+    meta["kept"] = len(seen)
+    return meta, seen
+
+
 def generate_prompts(engine: Any, out: str | Path, num: int, *, seed: int = 0, temperature: float = 1.0,
                      top_p: float = 0.95, max_tokens: int = 128, min_chars: int = 16,
-                     in_flight: int = 64, avoid: list[str | Path] = ()) -> dict[str, Any]:
+                     in_flight: int = 64, avoid: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Append self-generated prompts to ``out`` until it holds ``num`` (none found in the ``avoid`` files);
     returns the run's counters."""
     from server.engine.request import SamplingParams
