@@ -187,11 +187,11 @@ class Run:
         }
 
 
-def drafter_nets(target_model, methods: list[str], weights: list[str]) -> dict:
-    """(method, weights) -> the shipped drafter network (its checkpoint's truncated head) on the target's
-    embedding and head, its weight matrices in ``weights`` (``EagleDrafter.cast_matrices``)."""
+def drafter_nets(target_model, methods: list[str], weights: list[str], paths: dict[str, str | None]) -> dict:
+    """(method, weights) -> the drafter network (``paths[method]`` or the shipped checkpoint, with its truncated
+    head) on the target's embedding and head, its weight matrices in ``weights`` (``EagleDrafter.cast_matrices``)."""
     loaders = {"eagle": load_checkpoint, "gumiho": load_gumiho_checkpoint}
-    return {(m, w): loaders[m](shipped_drafter("default", m), target_model.embed_tokens,
+    return {(m, w): loaders[m](paths.get(m) or shipped_drafter("default", m), target_model.embed_tokens,
                                target_model.lm_head).cast_matrices(getattr(torch, w))
             for m in methods for w in weights}
 
@@ -219,7 +219,7 @@ def plot(results: list[dict], path: Path) -> None:
     limit = [0.15 * r["plain_step_ms"] for r in results]
     ax.scatter(labels, limit, marker="_", s=900, color="black", zorder=3, label="15% of a plain step")
     ax.set_ylabel("ms per drafting step (median)")
-    ax.set_title("Drafting cost by phase (SmolLM2-135M, shipped drafters, CPU)")
+    ax.set_title("Drafting cost by phase (SmolLM2-135M drafters, CPU)")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start", type=int, default=32, help="continuation tokens committed before drafting starts")
     p.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--eagle-path", default=None, help="EAGLE checkpoint folder (default: the shipped one)")
+    p.add_argument("--gumiho-path", default=None, help="Gumiho checkpoint folder (default: the shipped one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.num_threads or os.cpu_count())
     load_before = os.getloadavg()
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     target = Target(model, max(len(x) for x in prompts) + args.new_tokens + 1)
     with torch.inference_mode():
         seqs = [target.continue_greedy(x, args.new_tokens) for x in prompts]
-    nets = drafter_nets(model, args.methods, args.weights)
+    nets = drafter_nets(model, args.methods, args.weights, {"eagle": args.eagle_path, "gumiho": args.gumiho_path})
     starts = [len(x) + args.start for x in prompts]
     runs = [Run(method, budget, make_drafter(nets[method, w], method, budget, args.top_k, args.pruning),
                 seqs[:batch], starts[:batch], w)

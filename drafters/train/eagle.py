@@ -21,6 +21,22 @@ from drafters.train.loop import Recipe, TrainConfig, feature_losses, train_draft
 from drafters.train.unroll import unrolled, unrolled_losses
 
 
+def deepened(sd: dict[str, torch.Tensor], layers: int, hidden: int) -> dict[str, torch.Tensor]:
+    """An EAGLE-named drafter state grown to ``layers`` decoder layers (Net2Net-style): each new layer copies
+    the last one with a unit input RMSNorm and zeroed ``o_proj`` and ``down_proj``, so it adds nothing to the
+    residual stream and the deepened drafter drafts exactly as ``sd`` did until training moves it."""
+    have = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    last = f"layers.{have - 1}."
+    out = dict(sd)
+    for i in range(have, layers):
+        new = f"layers.{i}."
+        out.update({new + k[len(last):]: v.clone() for k, v in sd.items() if k.startswith(last)})
+        out[new + "input_layernorm.weight"] = torch.ones(hidden, dtype=sd[last + "mlp.down_proj.weight"].dtype)
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            out[new + name] = torch.zeros_like(sd[last + name])
+    return out
+
+
 def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
     """EAGLE's input noise: uniform in ``[-noise / 2, noise / 2)``."""
     return features + (torch.rand_like(features) - 0.5) * noise if noise else features
@@ -31,9 +47,17 @@ class EagleRecipe(Recipe):
 
     method = "eagle"
 
+    def __init__(self, save_dtype: torch.dtype = torch.float32, layers: int = 1):
+        super().__init__(save_dtype)
+        self.layers = layers
+
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> EagleDrafter:
-        return EagleDrafter(EagleConfig.from_target(target_config), embed_weight, lm_head_weight, head_ids)
+        return EagleDrafter(EagleConfig.from_target(target_config, self.layers), embed_weight, lm_head_weight,
+                            head_ids)
+
+    def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
+        super().load_init(drafter, deepened(state, self.layers, drafter.config.hidden_size))
 
     def losses(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                noise: float, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -66,4 +90,4 @@ class EagleRecipe(Recipe):
 def train_eagle(cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
                 lm_head_weight: torch.Tensor, save_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train (or resume) an EAGLE drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
-    return train_drafter(EagleRecipe(save_dtype), cfg, target_config, embed_weight, lm_head_weight)
+    return train_drafter(EagleRecipe(save_dtype, cfg.layers), cfg, target_config, embed_weight, lm_head_weight)
