@@ -1,4 +1,4 @@
-"""Drafting cost per phase and per depth against a plain decode step (real model, shipped drafters, CPU).
+"""Drafting cost per phase and per depth against a plain decode step (real model, shipped or given drafters, CPU).
 
 Usage: .venv/bin/python -m bench.draft_cost --out bench/results/draft_cost.json
 
@@ -117,9 +117,10 @@ class Run:
     """One configuration: a drafter drafting for ``batch`` sequences, step by step."""
 
     def __init__(self, method: str, budget: int, drafter, seqs: list[tuple[list[int], torch.Tensor]],
-                 starts: list[int], weights: str = "float32"):
+                 starts: list[int], weights: str = "float32", checkpoint: str = ""):
         self.method, self.budget, self.drafter, self.seqs, self.starts = method, budget, drafter, seqs, starts
         self.weights = weights                              # dtype of the drafter's weight matrices
+        self.checkpoint = checkpoint                        # the drafter's checkpoint folder
         self.steps: list[dict] = []
         self.reset()
 
@@ -176,7 +177,8 @@ class Run:
         plain = float(np.median([s["plain"] for s in self.steps]) * 1e3)
         tau = float(np.mean([len(u.fed_tokens) for s in self.steps for u in s["committed"]]))
         return {
-            "method": self.method, "weights": self.weights, "budget": self.budget, "batch": len(self.seqs),
+            "method": self.method, "checkpoint": self.checkpoint, "weights": self.weights, "budget": self.budget,
+            "batch": len(self.seqs),
             "steps": len(self.steps),
             "draft_ms": total, "plain_step_ms": plain, "draft_over_plain": total / plain,
             "tau_greedy": tau, "mean_context": float(np.mean([s["context"] for s in self.steps])),
@@ -187,13 +189,14 @@ class Run:
         }
 
 
-def drafter_nets(target_model, methods: list[str], weights: list[str], paths: dict[str, str | None]) -> dict:
-    """(method, weights) -> the drafter network (``paths[method]`` or the shipped checkpoint, with its truncated
-    head) on the target's embedding and head, its weight matrices in ``weights`` (``EagleDrafter.cast_matrices``)."""
+def drafter_nets(target_model, methods: list[str], weights: list[str], paths: dict[str, list[str]]) -> dict:
+    """(method, weights, folder) -> the drafter network of each checkpoint folder in ``paths[method]`` (default:
+    the shipped one; with its truncated head) on the target's embedding and head, its weight matrices in
+    ``weights`` (``EagleDrafter.cast_matrices``)."""
     loaders = {"eagle": load_checkpoint, "gumiho": load_gumiho_checkpoint}
-    return {(m, w): loaders[m](paths.get(m) or shipped_drafter("default", m), target_model.embed_tokens,
-                               target_model.lm_head).cast_matrices(getattr(torch, w))
-            for m in methods for w in weights}
+    return {(m, w, folder): loaders[m](folder, target_model.embed_tokens,
+                                       target_model.lm_head).cast_matrices(getattr(torch, w))
+            for m in methods for w in weights for folder in paths[m]}
 
 
 def make_drafter(net, method: str, budget: int, top_k: int, pruning: int):
@@ -209,7 +212,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']} {r['weights']}\nbudget {r['budget']}\nbatch {r['batch']}" for r in results]
+    labels = [f"{r['method']} {r['weights']}\n{Path(r['checkpoint']).name}\nbudget {r['budget']}\nbatch {r['batch']}"
+              for r in results]
     fig, ax = plt.subplots(figsize=(1.4 * len(results) + 3, 5))
     bottom = np.zeros(len(results))
     for phase in PHASES:
@@ -242,8 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start", type=int, default=32, help="continuation tokens committed before drafting starts")
     p.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--eagle-path", default=None, help="EAGLE checkpoint folder (default: the shipped one)")
-    p.add_argument("--gumiho-path", default=None, help="Gumiho checkpoint folder (default: the shipped one)")
+    p.add_argument("--eagle-path", nargs="+", default=None,
+                   help="EAGLE checkpoint folder(s), timed round-robin (default: the shipped one)")
+    p.add_argument("--gumiho-path", nargs="+", default=None,
+                   help="Gumiho checkpoint folder(s), timed round-robin (default: the shipped one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.num_threads or os.cpu_count())
     load_before = os.getloadavg()
@@ -256,11 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     target = Target(model, max(len(x) for x in prompts) + args.new_tokens + 1)
     with torch.inference_mode():
         seqs = [target.continue_greedy(x, args.new_tokens) for x in prompts]
-    nets = drafter_nets(model, args.methods, args.weights, {"eagle": args.eagle_path, "gumiho": args.gumiho_path})
+    paths = {m: given or [str(shipped_drafter("default", m))]
+             for m, given in (("eagle", args.eagle_path), ("gumiho", args.gumiho_path))}
+    nets = drafter_nets(model, args.methods, args.weights, paths)
     starts = [len(x) + args.start for x in prompts]
-    runs = [Run(method, budget, make_drafter(nets[method, w], method, budget, args.top_k, args.pruning),
-                seqs[:batch], starts[:batch], w)
-            for method in args.methods for budget in args.budgets for batch in args.batches for w in args.weights]
+    runs = [Run(method, budget, make_drafter(nets[method, w, folder], method, budget, args.top_k, args.pruning),
+                seqs[:batch], starts[:batch], w, folder)
+            for method in args.methods for folder in paths[method] for budget in args.budgets
+            for batch in args.batches for w in args.weights]
     recorder = Recorder()
     for owner, method, phase in ((EagleTreeDrafter, "context_pass", "context"), (EagleTreeDrafter, "trees", "rerank"),
                                  (Expansion, "forward", "forward"), (Expansion, "head", "head"),
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(report, indent=2))
     plot(results, out.with_suffix(".png"))
     for r in results:
-        print(f"{r['method']:6s} {r['weights']:8s} budget {r['budget']:2d} batch {r['batch']}: draft {r['draft_ms']:.2f} ms, plain step "
+        print(f"{r['method']:6s} {Path(r['checkpoint']).name} {r['weights']:8s} budget {r['budget']:2d} batch {r['batch']}: draft {r['draft_ms']:.2f} ms, plain step "
               f"{r['plain_step_ms']:.2f} ms ({100 * r['draft_over_plain']:.0f}%), depths {r['depths_reached']}, "
               f"phases " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
     print(f"wrote {out} and {out.with_suffix('.png')}")
