@@ -61,7 +61,7 @@ distill() {
     --max-minutes "${DISTILL_MINUTES:-8}" 2>&1 | tail -12
   tar -czf "$OUT/distill_shards.tgz" drafters/data/smollm2-distill
 }
-selfdistill() {   # general-domain data: write more self-prompts (seed 100: the CPU files use seeds 0-3), answer them
+selfdistill() {   # general-domain data: write more self-prompts (seed 100: the CPU files use seeds 0-4), answer them
   need_model selfdistill || return 1
   local engine="--model $MODEL --device cuda --max-num-seqs 256 --kv-cache-gib 16"
   # shellcheck disable=SC2086
