@@ -190,9 +190,9 @@ class Run:
 
 
 def drafter_nets(target_model, methods: list[str], weights: list[str], paths: dict[str, list[str]]) -> dict:
-    """(method, weights, folder) -> the drafter network of each checkpoint folder in ``paths[method]`` (default:
-    the shipped one; with its truncated head) on the target's embedding and head, its weight matrices in
-    ``weights`` (``EagleDrafter.cast_matrices``)."""
+    """(method, weights, folder) -> the drafter network of each checkpoint folder in ``paths[method]`` (with its
+    truncated head) on the target's embedding and head, its weight matrices in ``weights``
+    (``EagleDrafter.cast_matrices``)."""
     loaders = {"eagle": load_checkpoint, "gumiho": load_gumiho_checkpoint}
     return {(m, w, folder): loaders[m](folder, target_model.embed_tokens,
                                        target_model.lm_head).cast_matrices(getattr(torch, w))

@@ -21,7 +21,7 @@ from drafters.train.loop import Recipe, TrainConfig, feature_losses, train_draft
 from drafters.train.unroll import unrolled, unrolled_losses
 
 
-def deepened(sd: dict[str, torch.Tensor], layers: int, hidden: int) -> dict[str, torch.Tensor]:
+def deepened(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """An EAGLE-named drafter state grown to ``layers`` decoder layers (Net2Net-style): each new layer copies
     the last one with a unit input RMSNorm and zeroed ``o_proj`` and ``down_proj``, so it adds nothing to the
     residual stream and the deepened drafter drafts exactly as ``sd`` did until training moves it."""
@@ -31,7 +31,7 @@ def deepened(sd: dict[str, torch.Tensor], layers: int, hidden: int) -> dict[str,
     for i in range(have, layers):
         new = f"layers.{i}."
         out.update({new + k[len(last):]: v.clone() for k, v in sd.items() if k.startswith(last)})
-        out[new + "input_layernorm.weight"] = torch.ones(hidden, dtype=sd[last + "mlp.down_proj.weight"].dtype)
+        out[new + "input_layernorm.weight"] = torch.ones_like(sd[last + "post_attention_layernorm.weight"])
         for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
             out[new + name] = torch.zeros_like(sd[last + name])
     return out
@@ -57,7 +57,7 @@ class EagleRecipe(Recipe):
                             head_ids)
 
     def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
-        super().load_init(drafter, deepened(state, self.layers, drafter.config.hidden_size))
+        super().load_init(drafter, deepened(state, self.layers))
 
     def losses(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                noise: float, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

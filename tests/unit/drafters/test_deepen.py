@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from drafters.eagle_model import EagleConfig, EagleDrafter, _eagle_state, load_checkpoint, own_state
 from drafters.train.eagle import TrainConfig, deepened, train_eagle
 from tests.helpers import tiny_features, word_records
-from tests.unit.drafters.test_eagle_model import HIDDEN, inputs, make_drafter, target_cfg
+from tests.unit.drafters.test_eagle_model import inputs, make_drafter, target_cfg
 
 
 @torch.no_grad()
 def test_deepened_drafter_drafts_as_the_shallow_one():
     shallow, embed = make_drafter()
-    state = deepened(_eagle_state(shallow), 3, HIDDEN)
+    state = deepened(_eagle_state(shallow), 3)
     deep = EagleDrafter(EagleConfig.from_target(target_cfg(), 3), embed, embed).eval()
     deep.load_state_dict(own_state(state, 3))
     tokens, feats, pos = inputs(2, 6)
@@ -26,7 +26,7 @@ def test_deepened_drafter_drafts_as_the_shallow_one():
     assert keys.shape[1] == 3 * 2                                  # every layer's KV heads are cached
     assert not deep.layers[2].mlp.down_proj.weight.any()
     torch.testing.assert_close(deep.layers[2].self_attn.qkv_proj.weight, shallow.layers[0].self_attn.qkv_proj.weight)
-    assert deepened(state, 2, HIDDEN) == state                     # never shrinks
+    assert deepened(state, 2) == state                     # never shrinks
 
 
 def test_deepened_init_trains_its_new_layer(tmp_path):
