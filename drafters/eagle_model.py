@@ -45,10 +45,12 @@ class EagleConfig(LlamaConfig):
         return cls(**values)
 
     @classmethod
-    def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1,
-                    bias: bool = True) -> EagleConfig:
-        """A drafter config for a target given by its HF ``config.json`` dict."""
-        return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias)
+    def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1, bias: bool = True,
+                    intermediate_size: int | None = None) -> EagleConfig:
+        """A drafter config for a target given by its HF ``config.json`` dict (MLP width: the target's unless
+        ``intermediate_size`` is given)."""
+        width = {} if intermediate_size is None else {"intermediate_size": intermediate_size}
+        return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias, **width)
 
     def to_dict(self) -> dict[str, Any]:
         """EAGLE ``config.json`` layout: a Llama config of the target's dims plus ``"bias"`` (and any fields a

@@ -82,7 +82,7 @@ train_data() {   # every finished distillation folder, comma-joined (train-draft
 }
 train_flags() {   # method-specific flags: warm start from the shipped checkpoint
   case "$1" in
-    eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3 --eagle-layers ${EAGLE_LAYERS:-1} --save-dtype float16" ;;
+    eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3 ${EAGLE_LAYERS:+--eagle-layers $EAGLE_LAYERS} ${EAGLE_INTERMEDIATE:+--eagle-intermediate $EAGLE_INTERMEDIATE} --save-dtype float16" ;;
     gumiho) echo "--init drafters/checkpoints/smollm2-gumiho --mlp-num 5 --mlp-res-blocks 1 --save-dtype float16" ;;
     medusa) echo "--init drafters/checkpoints/smollm2-medusa --medusa-head trained --head-vocab 2048 --medusa-heads 4 --lr 2e-3" ;;
     draft-model) echo "--init drafters/checkpoints/smollm2-draft --draft-init fresh" ;;

@@ -49,8 +49,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true",
                    help="bf16 autocast, on CUDA or a CPU with native bf16 products (avx512_bf16, AMX: EAGLE "
                         "steps 1.47x faster on this project's CPU); weights, optimiser state and losses stay fp32")
-    g.add_argument("--eagle-layers", type=int, default=1,
-                   help="EAGLE: decoder layers; an --init with fewer is deepened (new layers start as no-ops)")
+    g.add_argument("--eagle-layers", type=int, default=None,
+                   help="EAGLE: decoder layers (default: the --init's, else 1); an --init with fewer is deepened "
+                        "(new layers start as no-ops)")
+    g.add_argument("--eagle-intermediate", type=int, default=None,
+                   help="EAGLE: MLP width (default: the --init's, else the target's); an --init with a narrower MLP "
+                        "is widened (new units start as no-ops)")
     g.add_argument("--unroll", type=int, default=1,
                    help="EAGLE: train on N drafting steps, each after the first reading the drafter's own "
                         "features (EAGLE-3's training-time test); 1 = EAGLE-1/2 training")
@@ -98,7 +102,8 @@ def train_config(args: argparse.Namespace) -> Any:
                        head_vocab=args.head_vocab, val_shards=args.val_shards, save_every=args.save_every,
                        seed=args.seed, resume=args.resume, mlp_num=args.mlp_num,
                        mlp_res_blocks=args.mlp_res_blocks, device=args.device, amp=args.amp,
-                       unroll=args.unroll, init=args.init, layers=args.eagle_layers)
+                       unroll=args.unroll, init=args.init, layers=args.eagle_layers,
+                       intermediate=args.eagle_intermediate)
 
 
 def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,

@@ -11,6 +11,7 @@ assistant tokens (renormalised). The noise is uniform with amplitude 0.2: EAGLE'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,34 @@ def deepened(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor
     return out
 
 
+def widened(sd: dict[str, torch.Tensor], intermediate: int, std: float = 0.02,
+             seed: int = 0) -> dict[str, torch.Tensor]:
+    """An EAGLE-named drafter state with every layer's MLP grown to ``intermediate`` units: the new units' gate
+    and up rows are drawn N(0, ``std``) (seeded) and their ``down_proj`` columns are zero, so the widened
+    drafter drafts exactly as ``sd`` did until training moves them."""
+    out = dict(sd)
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in sd if k.endswith("mlp.gate_proj.weight")]:
+        prefix = key[:-len("gate_proj.weight")]
+        have, hidden = sd[key].shape                                               # [I, H]
+        if intermediate <= have:
+            continue
+        for name in ("gate_proj", "up_proj"):
+            w = sd[prefix + name + ".weight"]
+            new = torch.randn(intermediate - have, hidden, generator=gen).mul_(std).to(w.dtype)
+            out[prefix + name + ".weight"] = torch.cat([w, new])                   # [I', H]
+        down = sd[prefix + "down_proj.weight"]                                     # [H, I]
+        out[prefix + "down_proj.weight"] = torch.cat([down, down.new_zeros(hidden, intermediate - have)], 1)
+    return out
+
+
+def drafter_shape(cfg: TrainConfig) -> tuple[int, int | None]:
+    """Decoder layers and MLP width to train: ``cfg``'s where given, else the ``init`` checkpoint's (else one
+    layer at the target's width, ``None``)."""
+    saved = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
+    return cfg.layers or saved.get("num_hidden_layers", 1), cfg.intermediate or saved.get("intermediate_size")
+
+
 def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
     """EAGLE's input noise: uniform in ``[-noise / 2, noise / 2)``."""
     return features + (torch.rand_like(features) - 0.5) * noise if noise else features
@@ -47,17 +76,24 @@ class EagleRecipe(Recipe):
 
     method = "eagle"
 
-    def __init__(self, save_dtype: torch.dtype = torch.float32, layers: int = 1):
+    def __init__(self, save_dtype: torch.dtype = torch.float32, layers: int = 1, intermediate: int | None = None):
         super().__init__(save_dtype)
-        self.layers = layers
+        self.layers, self.intermediate = layers, intermediate
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> EagleDrafter:
-        return EagleDrafter(EagleConfig.from_target(target_config, self.layers), embed_weight, lm_head_weight,
-                            head_ids)
+        cfg = EagleConfig.from_target(target_config, self.layers, intermediate_size=self.intermediate)
+        return EagleDrafter(cfg, embed_weight, lm_head_weight, head_ids)
 
     def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
-        super().load_init(drafter, deepened(state, self.layers))
+        """Warm-start from ``state``, deepened and widened to ``drafter``'s shape (never shrunk)."""
+        cfg = drafter.config
+        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+        width = state["layers.0.mlp.gate_proj.weight"].shape[0]
+        if layers > cfg.num_hidden_layers or width > cfg.intermediate_size:
+            raise ValueError(f"the init checkpoint has {layers} layers of MLP width {width}; the drafter to train "
+                             f"has {cfg.num_hidden_layers} of width {cfg.intermediate_size} (a drafter only grows)")
+        super().load_init(drafter, widened(deepened(state, cfg.num_hidden_layers), cfg.intermediate_size))
 
     def losses(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                noise: float, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -90,4 +126,5 @@ class EagleRecipe(Recipe):
 def train_eagle(cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
                 lm_head_weight: torch.Tensor, save_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train (or resume) an EAGLE drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
-    return train_drafter(EagleRecipe(save_dtype, cfg.layers), cfg, target_config, embed_weight, lm_head_weight)
+    recipe = EagleRecipe(save_dtype, *drafter_shape(cfg))
+    return train_drafter(recipe, cfg, target_config, embed_weight, lm_head_weight)

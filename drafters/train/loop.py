@@ -57,7 +57,8 @@ class TrainConfig:
     mlp_ce_after_epochs: float = 2  # Gumiho: MLP heads' CE term starts after this many epochs
     unroll: int = 1                 # EAGLE: train on this many drafting steps (own features after the first)
     unroll_decay: float = 0.8       # EAGLE: step j's loss weight is unroll_decay ** j (EAGLE-3's TTT weights)
-    layers: int = 1                 # EAGLE: decoder layers (an ``init`` with fewer is deepened, ``eagle.deepened``)
+    layers: int | None = None       # EAGLE: decoder layers (None: the ``init``'s, else 1; fewer in ``init``: deepened)
+    intermediate: int | None = None  # EAGLE: MLP width (None: the ``init``'s, else the target's; narrower: widened)
     device: str = "cpu"             # torch device for training (cuda: minutes instead of hours)
     amp: bool = False               # bf16 autocast (CUDA, or a CPU with bf16 products); weights, optimiser state and losses stay fp32
 
