@@ -35,7 +35,7 @@ SHIPPED = {"SmolLM2-135M-Instruct": {"eagle": CHECKPOINTS / "smollm2-eagle",
 DATA = Path(__file__).resolve().parent / "data"
 SHIPPED_CORPUS = {"SmolLM2-135M-Instruct": [DATA / "smollm2-distill", DATA / "smollm2-distill-self",
                                            DATA / "smollm2-distill-self2", DATA / "smollm2-distill-self3",
-                                           DATA / "smollm2-distill-self4"]}
+                                           DATA / "smollm2-distill-self4", DATA / "smollm2-distill-self5"]}
 
 
 def shipped_name(model: str) -> str:
