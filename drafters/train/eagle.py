@@ -22,11 +22,17 @@ from drafters.train.loop import Recipe, TrainConfig, feature_losses, train_draft
 from drafters.train.unroll import unrolled, unrolled_losses
 
 
+def state_shape(sd: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Decoder layers and MLP width of an EAGLE-named drafter state."""
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    return layers, sd["layers.0.mlp.gate_proj.weight"].shape[0]
+
+
 def deepened(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """An EAGLE-named drafter state grown to ``layers`` decoder layers (Net2Net-style): each new layer copies
     the last one with a unit input RMSNorm and zeroed ``o_proj`` and ``down_proj``, so it adds nothing to the
     residual stream and the deepened drafter drafts exactly as ``sd`` did until training moves it."""
-    have = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    have = state_shape(sd)[0]
     last = f"layers.{have - 1}."
     out = dict(sd)
     for i in range(have, layers):
@@ -88,8 +94,7 @@ class EagleRecipe(Recipe):
     def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
         """Warm-start from ``state``, deepened and widened to ``drafter``'s shape (never shrunk)."""
         cfg = drafter.config
-        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        width = state["layers.0.mlp.gate_proj.weight"].shape[0]
+        layers, width = state_shape(state)
         if layers > cfg.num_hidden_layers or width > cfg.intermediate_size:
             raise ValueError(f"the init checkpoint has {layers} layers of MLP width {width}; the drafter to train "
                              f"has {cfg.num_hidden_layers} of width {cfg.intermediate_size} (a drafter only grows)")
