@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STATE=/tmp/treespec
-MODEL=$STATE/model
+MODEL=$STATE/SmolLM2-135M-Instruct   # the folder name picks the shipped drafters
 mkdir -p "$STATE/parts" "${OUT:=/tmp/out}"
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 PY=python3
@@ -41,10 +41,13 @@ step() {
 }
 smollm2() {
   need_model smollm2 || return 1
-  for c in 1 8 32; do
+  # SMOLLM2_PER_CATEGORY questions of each MT-bench category (unset: all 80), to fit a 10-minute call
+  for c in ${SMOLLM2_CONCURRENCY:-1 8 32}; do
+    # shellcheck disable=SC2086
     $PY -m server.cli bench --model "$MODEL" --device cuda --questions .carry/data/mt_bench.jsonl \
-      --concurrency $c --max-new-tokens 128 --no-hf --compare lookup eagle gumiho hybrid --budgets 16 32 64 \
-      --out "$OUT/smollm2_compare_c$c.json" 2>&1 | tail -12
+      ${SMOLLM2_PER_CATEGORY:+--per-category $SMOLLM2_PER_CATEGORY} --concurrency $c --max-new-tokens 128 --no-hf \
+      --compare ${SMOLLM2_DRAFTERS:-lookup eagle gumiho hybrid} --budgets ${SMOLLM2_BUDGETS:-16 32 64} \
+      --out "$OUT/smollm2_compare_c$c.json" 2>&1 | tail -14
   done
 }
 issue11() {   # the newer drafters at batch 1 (Medusa dynamic vs static, draft model, GSD merge on/off)

@@ -94,6 +94,7 @@ class GraphRunner:
     def bucket(self, num_seqs: int, num_tokens: int) -> int | None:
         return next((t for t in self.buckets if t >= num_tokens and min(t, self.max_num_seqs) >= num_seqs), None)
 
+    @torch.inference_mode()   # the captured buffers are inference tensors: write them only in inference mode
     def run(self, ids: list[int], positions: list[int], seqs: list[SeqAttention]) -> torch.Tensor | None:
         """Hidden ``[T, hidden]`` of a decode/verify step by graph replay, or ``None`` (run it eagerly)."""
         tokens = self.bucket(len(seqs), len(ids))
