@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from drafters.draft_kv import KV, ConcatKV, KVStore, Slots
 from kernels.linear import Linear, linear
@@ -26,6 +27,9 @@ from server.models.rope import RotaryEmbedding
 
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+# SDPA kernels for the drafter on CUDA: not cuDNN, which builds an execution plan per new shape (tens of ms on an
+# H100, torch 2.11) and the drafter's key width changes every call; the first GPU run drafted at 161 ms a step.
+CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -76,9 +80,18 @@ class EagleAttention(Attention):
         q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2)
                    for y in self.project(x.reshape(b * t, -1), rope))              # [B, H|Hkv, T, D]
         k, v = cache.store(self.index, k, v)                                       # [B, Hkv, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=True)                      # [B, H, T, D]
+        out = attend(q, k, v, mask, causal)                                        # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """GQA attention ``q [B, H, T, D]`` over ``k``, ``v`` ``[B, Hkv, L, D]`` -> ``[B, H, T, D]`` (on CUDA with the
+    kernels of ``CUDA_SDPA``)."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    with sdpa_kernel(CUDA_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 def eagle_layer(cfg: EagleConfig, index: int) -> DecoderLayer:

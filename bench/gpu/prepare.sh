@@ -8,13 +8,15 @@ cd "$(dirname "$0")/../.."
 CARRY=.carry
 PY=${PY:-.venv/bin/python}
 mkdir -p "$CARRY/whl"
-# The device image (python 3.12, torch 2.11, triton 3.6, transformers 5.17) lacks these.
-WHEELS="pydantic==2.14.3 annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.19.0"
-core=$("$PY" -c "import pydantic_core; print(pydantic_core.__version__)")
-for w in $WHEELS "pydantic-core==$core"; do
+# The device image (python 3.12, torch 2.11, triton 3.6, transformers 5.17) lacks these; take the versions this
+# venv runs (a pydantic beside an older typing-inspection fails on import: seen in the first GPU session).
+PACKAGES="pydantic pydantic-core annotated-types typing-inspection typing-extensions gguf"
+rm -f "$CARRY"/whl/*.whl
+for name in $PACKAGES; do
+  version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$CARRY/whl" "$w"
+    --platform any -d "$CARRY/whl" "$name==$version"
 done
 if [ ! -f "$CARRY/model.gguf" ]; then
   tmp=$(mktemp -d)
@@ -27,13 +29,12 @@ fi
 mkdir -p "$CARRY/data"
 cp ../shared/data/mt_bench.jsonl "$CARRY/data/"
 gzip -c ../shared/data/train_prompts.jsonl > "$CARRY/data/train_prompts.jsonl.gz"
-# Piece size: what one call can carry beside the working tree, with 4 MiB to spare (the first call carries
-# the wheels and data instead; the warm machine keeps what earlier calls brought).
+# Piece size: what one call can carry beside the working tree, with 2 MiB to spare; the first piece also travels
+# with the wheels and data. Run `bash bench/gpu/slim.sh on` first, or the tree leaves no room (it is ~92 MB).
 tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 wheels=$(du -cb "$CARRY"/whl/* "$CARRY"/data/* | tail -1 | cut -f1)
-piece=$(( (64 - 4) * 1048576 - tree ))
-if [ "$wheels" -gt "$piece" ]; then echo "wheels and data ($wheels bytes) do not fit one call"; exit 1; fi
-if [ "$piece" -lt 8388608 ]; then echo "working tree too large to carry the model ($tree bytes)"; exit 1; fi
+piece=$(( (64 - 2) * 1048576 - tree - wheels ))
+if [ "$piece" -lt 8388608 ]; then echo "working tree too large to carry the model ($tree bytes): bash bench/gpu/slim.sh on"; exit 1; fi
 rm -f "$CARRY"/gguf.part*
 split -b "$piece" -d -a 1 "$CARRY/model.gguf" "$CARRY/gguf.part"
 sha256sum "$CARRY/model.gguf" | cut -d' ' -f1 > "$CARRY/gguf.sha256"

@@ -3,7 +3,7 @@
 # .carry/whl, .carry/data and one GGUF piece (see bench/gpu/README.md):
 #   bash bench/gpu/remote.sh STAGE...
 # Stages: setup (wheels; collects GGUF pieces; converts the model once all have arrived), tests,
-# kernel, step, smollm2, issue11, distill, selfdistill, train. Results land in $OUT (they come back to the CPU machine).
+# kernel, step, profile, smollm2, issue11, distill, selfdistill, train. Results land in $OUT (they come back to the CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STATE=/tmp/treespec
@@ -34,7 +34,7 @@ setup() {
 
 need_model() { [ -f "$MODEL/.complete" ] || { log "stage $1 needs the model (all GGUF pieces)"; return 1; }; }
 
-tests() { $PY -m pytest -q -p no:cacheprovider tests/gpu tests/unit/kernels 2>&1 | tee "$OUT/tests_gpu.log" | tail -30; }
+tests() { $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.log" | tail -30; }
 kernel() { $PY -m bench.kernel_attn --device cuda --out "$OUT/kernel_attn.json" 2>&1 | tail -30; }
 step() {
   $PY -m bench.step_latency --device cuda --batches 1 16 --out "$OUT/step_latency.json" 2>&1 | tail -30
@@ -48,6 +48,14 @@ smollm2() {
       ${SMOLLM2_PER_CATEGORY:+--per-category $SMOLLM2_PER_CATEGORY} --concurrency $c --max-new-tokens 128 --no-hf \
       --compare ${SMOLLM2_DRAFTERS:-lookup eagle gumiho hybrid} --budgets ${SMOLLM2_BUDGETS:-16 32 64} \
       --out "$OUT/smollm2_compare_c$c.json" 2>&1 | tail -14
+  done
+}
+profile() {   # where a served step's time goes, per drafter (torch.profiler; bench/profile_step.py)
+  need_model profile || return 1
+  for c in ${PROFILE_CONCURRENCY:-1 8}; do
+    $PY -m bench.profile_step --model "$MODEL" --device cuda --questions .carry/data/mt_bench.jsonl \
+      --drafters ${PROFILE_DRAFTERS:-none lookup eagle gumiho hybrid} --concurrency "$c" --budget 32 \
+      --out "$OUT/profile_c$c.json" 2>&1 | grep -v INFO | tail -60
   done
 }
 issue11() {   # the newer drafters at batch 1 (Medusa dynamic vs static, draft model, GSD merge on/off)
