@@ -8,8 +8,9 @@ KV cache (block size 16, shuffled block ids): a 64-token draft tree over a 4k-to
 one-token decode row at the same context, at batch 1 and 16. Methods, each checked against the fp32
 reference before it is timed:
 
-- ``triton``: ``TritonBackend.attend`` (one launch; metadata and work list prepared once per step,
-  outside the timing), with the default tile choice, then a sweep of ``block_q`` x ``block_n``;
+- ``triton``: ``TritonBackend.attend`` (one launch, two when the context is split; metadata and work list
+  prepared once per step, outside the timing), with the default tile and split choice, then unsplit
+  (``[splits=1]``), then a sweep of ``block_q`` x ``block_n``;
 - ``reference``: ``ReferenceBackend.attend``, i.e. gather every sequence's context out of the paged
   cache, then SDPA with a dense ``[B, 1, Qmax, L]`` mask (the pure PyTorch path);
 - ``sdpa_pregathered``: the same SDPA with the context already contiguous (no gather): SDPA's own cost;
@@ -216,14 +217,18 @@ def run_scenario(label: str, specs, args, device: torch.device, dtype: torch.dty
         print(f"{label:>8} b={len(specs):<3} {method:<32} {stats['median_us']:10.1f} us  "
               f"graph={stats.get('graph_hot_us')}  err={err}", flush=True)
 
-    configs = [(None, 64)] + [(bq, bn) for bq in args.sweep_block_q for bn in args.sweep_block_n]
-    for block_q, block_n in configs:
-        tri = TritonBackend(args.block_size, device, block_q=block_q, block_n=block_n)
+    configs = [(None, 64, None), (None, 64, 1)] + [(bq, bn, None) for bq in args.sweep_block_q
+                                                    for bn in args.sweep_block_n]
+    for block_q, block_n, split in configs:
+        tri = TritonBackend(args.block_size, device, block_q=block_q, block_n=block_n, split_kv=split)
         meta = tri.build_metadata(case.seqs)
-        name = "triton" if block_q is None else f"triton[block_q={block_q},block_n={block_n}]"
+        name = ("triton" if block_q is None else f"triton[block_q={block_q},block_n={block_n}]") + (
+            "[splits=1]" if split == 1 else "")
         out = tri.attend(case.q, case.k_cache, case.v_cache, meta, scale)
+        tiles = meta.backend_data.work.shape[0]
         record(name, lambda tri=tri, meta=meta: tri.attend(case.q, case.k_cache, case.v_cache, meta, scale), out,
-               block_q=meta.backend_data.block_q, block_n=block_n, query_tiles=meta.backend_data.work.shape[0])
+               block_q=meta.backend_data.block_q, block_n=block_n, query_tiles=tiles,
+               splits=tri.splits(tiles * args.kv_heads, meta.block_tables.shape[1] * args.block_size))
     record("reference", lambda: ref.attend(case.q, case.k_cache, case.v_cache, ref_meta, scale),
            ref.attend(case.q, case.k_cache, case.v_cache, ref_meta, scale), graph=False)
     record("sdpa_pregathered", sdpa_pregathered(case, scale))

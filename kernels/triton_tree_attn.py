@@ -16,9 +16,17 @@ is set for tree sequences. KV tiles wholly inside the prefix skip the mask arith
 the loop); the mask words are loaded only for new-token columns. Causal tiles stop after their last
 query's own position, all tiles at ``seq_lens[b]``.
 
-The alternative split design (an unmasked prefix pass plus a small tree pass, merged by log-sum-exp)
-is not implemented: which one is faster waits for a GPU measurement (``python -m bench.kernel_attn``
-records this kernel against SDPA and flash-attn; results under ``bench/results/``).
+Split context (flash-decoding). A decode or small tree batch has few query tiles: SmolLM2 decoding one
+request is 3 programs (one per KV head), and an 8B-shaped one 8, each walking the whole context alone (the
+first H100 run, ``bench/results/gpu/``, read 4k positions at batch 1 at ~0.15 TB/s). When the
+``(tiles, kv heads)`` grid has fewer than two programs per SM, a third grid axis splits every tile's context
+into up to ``MAX_SPLITS`` ranges of whole KV tiles (``splits``: from static shapes only, so a CUDA graph
+replays what it captured); each program writes its normalised partial output and log2-sum-exp to fp32
+scratch, and ``_merge_splits`` (one program per token and head) weights the parts by their softmax mass.
+Empty ranges (short contexts) write -inf and weigh nothing.
+
+The other split (an unmasked prefix pass plus a small tree pass, merged by log-sum-exp, SGLang's FA3 path)
+is not implemented: ``python -m bench.kernel_attn`` records this kernel against SDPA and flash-attn.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests). Triton 3.9 reads that variable when
 ``@triton.jit`` wraps a function, its own standard library (``tl.zeros``, ``tl.max``, ``tl.sum``) included,
@@ -37,21 +45,23 @@ from kernels.backend import AttentionBackend
 from kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 16   # context splits of one query tile (flash-decoding), merged by log-sum-exp
 
 
 @triton.jit
 def _tree_attn_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     work_ptr, cu_ptr, seq_lens_ptr, prefix_ptr, is_tree_ptr, bt_ptr, mask_ptr,
-    qk_scale,
+    qk_scale, num_splits,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ko, stride_kh, stride_kd,
     stride_vb, stride_vo, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
+    stride_os, stride_ot, stride_oh, stride_od,
+    stride_ls, stride_lt,
     stride_btb, stride_btp, stride_mt, stride_mw,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     FP32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One query tile of one sequence x one KV head; see the module docstring.
@@ -62,6 +72,7 @@ def _tree_attn_fwd(
     """
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(work_ptr + 2 * tile)
     if seq >= 0:
         first = tl.load(work_ptr + 2 * tile + 1)
@@ -87,15 +98,18 @@ def _tree_attn_fwd(
         end = seq_len
         if is_tree == 0:
             end = tl.minimum(seq_len, prefix + tl.minimum(first + BLOCK_Q, q_len))
+        span = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N  # this split's share, whole KV tiles
+        lo = split * span
+        hi = tl.minimum(end, lo + span)
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)           # [M] running max (log2 units)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                    # [M] running sum
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)           # [M, D]
         cols = tl.arange(0, BLOCK_N)                                   # [N]
         tree = (tl.zeros([BLOCK_N], dtype=tl.int32) + is_tree) != 0    # [N] a block, not a scalar (*)
-        for start in range(0, end, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             pos = start + cols                                         # [N] context position
-            pos_ok = pos < end
+            pos_ok = pos < hi
             page = tl.load(bt_ptr + seq * stride_btb + (pos // PAGE) * stride_btp, mask=pos_ok, other=0)
             page = page.to(tl.int64)                                   # [N] block id
             offset = pos % PAGE                                        # [N]
@@ -131,10 +145,34 @@ def _tree_attn_fwd(
             acc = acc * alpha[:, None] + pv                            # [M, D]
             m_i = m_new
 
-        l_i = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_i[:, None]                                       # [M, D]
-        o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od
+        seen = l_i > 0                                                 # [M] (an empty split saw nothing)
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]                  # [M, D]
+        o_off = split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if SPLIT:                                                      # log2-sum-exp of this split's scores
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(
+    part_ptr, lse_ptr, o_ptr, num_splits,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (token, head): the splits' outputs weighted by their share of the softmax mass (log2 units)."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < num_splits
+    lse = tl.load(lse_ptr + s * stride_ls + tok * stride_lt + head, mask=s_ok, other=float("-inf"))   # [S]
+    top = tl.maximum(tl.max(lse, 0), -1.0e30)                          # finite even for a padding row
+    w = tl.exp2(lse - top)                                             # [S]; 0 for empty splits
+    part = tl.load(part_ptr + s[:, None] * stride_ps + tok * stride_pt + head * stride_ph + d[None, :],
+                   mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)                       # [S, D]
+    out = tl.sum(part * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1.0e-30)                          # [D]
+    tl.store(o_ptr + tok * stride_ot + head * stride_oh + d * stride_od, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @dataclass
@@ -156,12 +194,17 @@ class TritonBackend(AttentionBackend):
     graphable = True
 
     def __init__(self, block_size: int, device: torch.device | str = "cpu", *, block_q: int | None = None,
-                 block_n: int = 64):
+                 block_n: int = 64, split_kv: int | None = None):
         super().__init__(block_size, device)
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if split_kv is not None and not 1 <= split_kv <= MAX_SPLITS:
+            raise ValueError(f"split_kv must be 1..{MAX_SPLITS}, got {split_kv}")
         self.block_q = block_q
         self.block_n = block_n
+        self.split_kv = split_kv
+        cuda = self.device.type == "cuda"
+        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self._work = torch.empty(0, 2, dtype=torch.int32, device=self.device)   # [cap, 2]
         self._index = torch.empty(0, dtype=torch.int64, device=self.device)     # [cap] 0..cap-1
 
@@ -170,6 +213,17 @@ class TritonBackend(AttentionBackend):
             return self.block_q
         mean = -(-num_tokens // max(num_seqs, 1))
         return min(16, triton.next_power_of_2(mean))
+
+    def splits(self, programs: int, max_context: int) -> int:
+        """Context splits per (tile, KV head) program: enough programs for two per SM on CUDA, each split at
+        least two KV tiles of the longest context the block table can address (1 off CUDA unless forced). Only
+        static shapes decide, so a CUDA graph replays the split it captured."""
+        if self.split_kv is not None:
+            return self.split_kv
+        if not self._sms:
+            return 1
+        by_context = max(1, max_context // (2 * self.block_n))
+        return max(1, min(MAX_SPLITS, by_context, -(-2 * self._sms // programs)))
 
     def _buffers(self, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         if tiles > self._work.shape[0]:
@@ -214,17 +268,30 @@ class TritonBackend(AttentionBackend):
         interpret = bool(triton.knobs.runtime.interpret)
         bt, masks = meta.block_tables, meta.tree_masks                 # [B, P], [T, W]
         fp32 = q.dtype == torch.float32
-        grid = (plan.work.shape[0], num_kv_heads)
+        splits = self.splits(plan.work.shape[0] * num_kv_heads, bt.shape[1] * meta.block_size)
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        if splits == 1:                                                # the output directly; no log-sum-exp
+            part, lse, part_strides, lse_strides = out, out, (0, *out.stride()), (0, 0)
+        else:
+            part = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+            lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)   # [S, T, H]
+            part_strides, lse_strides = part.stride(), lse.stride()[:2]                              # [S, T, H, D]
+        grid = (plan.work.shape[0], num_kv_heads, splits)
         _tree_attn_fwd[grid](
-            q, k_cache, v_cache, out,
+            q, k_cache, v_cache, part, lse,
             plan.work, meta.cu_seqlens_q, meta.seq_lens, meta.prefix_lens, meta.is_tree, bt, masks,
-            scale * LOG2E,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            scale * LOG2E, splits,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *part_strides, *lse_strides,
             bt.stride(0), bt.stride(1), masks.stride(0), masks.stride(1),
             HEAD_DIM=head_dim, GROUP=group, PAGE=meta.block_size,
-            BLOCK_Q=plan.block_q, GROUP_P=group_p, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_N=self.block_n, FP32_DOT=fp32 or interpret, IEEE=fp32 and not interpret,
+            BLOCK_Q=plan.block_q, GROUP_P=group_p, BLOCK_M=block_m, BLOCK_D=block_d,
+            BLOCK_N=self.block_n, SPLIT=splits > 1, FP32_DOT=fp32 or interpret, IEEE=fp32 and not interpret,
             num_warps=4 if block_m <= 64 else 8, num_stages=2,
         )
+        if splits > 1:
+            _merge_splits[(num_tokens, num_heads)](
+                part, lse, out, splits, *part.stride()[:3], *lse.stride()[:2], *out.stride(),
+                HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            )
         return out
 

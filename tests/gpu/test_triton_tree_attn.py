@@ -33,11 +33,11 @@ SHAPES = {  # heads, kv_heads, head_dim, block_size
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def run(shape: str, dtype: torch.dtype, **options):
+def run(shape: str, dtype: torch.dtype, batch=BATCH, **options):
     from kernels.triton_tree_attn import TritonBackend
 
     heads, kv_heads, head_dim, block_size = SHAPES[shape]
-    case = make_case(BATCH, block_size=block_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+    case = make_case(batch, block_size=block_size, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      dtype=dtype, device="cuda", seed=heads + head_dim)
     backend = TritonBackend(block_size, "cuda", **options)
     meta = backend.build_metadata(case.seqs)
@@ -61,6 +61,16 @@ def test_kernel_matches_reference(shape, dtype):
 @pytest.mark.parametrize("block_q,block_n", [(4, 32), (8, 128), (1, 16)])
 def test_other_tilings_match_reference(block_q, block_n):
     got, want, _ = run("llama3_8b", torch.bfloat16, block_q=block_q, block_n=block_n)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("split_kv", [None, 1, 7, 16])
+def test_split_context_matches_reference(split_kv):
+    """A decode and a tree at batch 1-2 leave most SMs idle: the context is split (auto: > 1) and merged."""
+    few = [(4095, 1, "causal"), (4032, 64, "tree")]
+    got, want, (backend, _, meta, _) = run("llama3_8b", torch.bfloat16, few, split_kv=split_kv)
+    splits = backend.splits(meta.backend_data.work.shape[0] * 8, meta.block_tables.shape[1] * 16)
+    assert splits == split_kv if split_kv else splits > 1
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 

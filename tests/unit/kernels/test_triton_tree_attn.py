@@ -49,6 +49,10 @@ CASES = {
     "bf16_gqa2_d48": (MIXED, "bfloat16", 4, 2, 48, 16, {"block_q": 8, "block_n": 32}),
     "fp16_gqa2_d64": (MIXED, "float16", 2, 1, 64, 16, {}),
     "fp32_padded_for_cuda_graphs": (MIXED, "float32", 4, 2, 64, 16, {"padded": True}),
+    "fp32_split3": (MIXED, "float32", 4, 2, 64, 16, {"split_kv": 3, "block_n": 16}),
+    "fp32_split16_decodes": (DECODES, "float32", 4, 1, 64, 16, {"split_kv": 16, "block_n": 16}),
+    "bf16_split4_gqa4": (MIXED, "bfloat16", 8, 2, 64, 16, {"split_kv": 4}),
+    "fp32_split5_padded": (MIXED, "float32", 4, 2, 64, 16, {"split_kv": 5, "block_n": 16, "padded": True}),
 }
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}
 
@@ -146,6 +150,21 @@ def test_decode_batches_use_one_query_per_tile_and_reuse_buffers():
     plan = backend.build_metadata(decodes).backend_data
     assert plan.block_q == 1 and plan.work.tolist() == [[0, 0], [1, 0], [2, 0]]
     assert plan.work.data_ptr() == first.data_ptr()             # persistent buffer, not reallocated
+
+
+def test_context_splits_fill_the_gpu_only_when_programs_are_few():
+    from kernels.triton_tree_attn import MAX_SPLITS, TritonBackend
+
+    assert TritonBackend(16).splits(3, 8192) == 1                        # off CUDA: one pass, unless forced
+    assert TritonBackend(16, split_kv=4).splits(3, 8192) == 4
+    backend = TritonBackend(16)
+    backend._sms = 132                                                  # an H100's SM count
+    assert backend.splits(3, 8192) == MAX_SPLITS                        # SmolLM2 decode at batch 1: 3 programs
+    assert backend.splits(96, 8192) == 3                                # batch 32: 96 programs -> 264 / 96
+    assert backend.splits(264, 8192) == 1                               # already two programs per SM
+    assert backend.splits(3, 256) == 2                                  # short contexts: >= 2 KV tiles a split
+    with pytest.raises(ValueError, match="split_kv"):
+        TritonBackend(16, split_kv=MAX_SPLITS + 1)
 
 
 def test_rejects_non_power_of_two_pages():
