@@ -81,6 +81,9 @@ class Drafter(ABC):
         """Drafter-specific figures for the benchmark report (default: none)."""
         return None
 
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Called once by the runner when the target runs from CUDA graphs (default: the drafter stays eager)."""
+
     def bind(self, target: TargetAccess) -> None:
         """Called once by the runner; only self-speculative drafters use the target (default: ignore)."""
 

@@ -45,6 +45,13 @@ class DraftKV:
         self.values = torch.zeros(shape, dtype=dtype, device=device)     # [R, layers * Hkv, C, D]
         self.owners: list[str] = []                                      # request of each live row
         self.rows: dict[str, int] = {}
+        self.frozen = False
+
+    @torch.inference_mode()
+    def freeze(self, rows: int, capacity: int) -> None:
+        """Fix the buffers at ``rows`` x ``capacity`` for good (CUDA graphs hold their addresses)."""
+        self._resize(rows, capacity)
+        self.frozen = True
 
     @property
     def capacity(self) -> int:
@@ -52,6 +59,9 @@ class DraftKV:
 
     @torch.inference_mode()
     def _resize(self, rows: int, capacity: int) -> None:
+        if self.frozen:
+            raise RuntimeError(f"the drafter KV is frozen at {tuple(self.keys.shape)}; {rows} rows x {capacity} "
+                               "columns do not fit")
         r, c = min(rows, self.keys.shape[0]), min(capacity, self.capacity)
         for name in ("keys", "values"):
             old = getattr(self, name)

@@ -22,6 +22,7 @@ from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.draft_kv import DraftKV, KVBatch, Slots
 from drafters.eagle_model import EagleDrafter
 from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder
+from drafters.expansion_graphs import StaticExpansion
 from drafters.tree import DraftTree
 
 
@@ -45,6 +46,15 @@ class EagleTreeDrafter(Drafter):
         self.states: dict[str, _State] = {}
         cfg, weight = model.config, model.embed_weight                              # activations' dtype
         self.kv = DraftKV(cfg.num_hidden_layers * cfg.num_key_value_heads, cfg.head_dim, weight.dtype, weight.device)
+        self.static: StaticExpansion | None = None   # the graphed expansion of the default shape, once enabled
+
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Freeze the drafter KV (``max_num_seqs`` rows, every position plus the tree's scratch columns) and run
+        the default tree shape's expansion from CUDA graphs (``drafters.expansion_graphs``; ``capture=False``
+        runs the same fixed-shape code eagerly)."""
+        self.kv.freeze(max(max_num_seqs, len(self.kv.owners)), max_model_len + self.depth * self.top_k)
+        self.static = StaticExpansion(self.expand, self.kv, self.top_k, self.depth, self.model.config.hidden_size,
+                                      capture)
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         for u in updates:
@@ -101,9 +111,12 @@ class EagleTreeDrafter(Drafter):
         if new:
             self.context_pass(batch, states, new)
         device = self.kv.keys.device
-        lengths = torch.tensor([s.length for s in states], device=device)
-        ctx = DraftContext(batch, lengths, base, torch.stack([s.last_hidden for s in states]))
-        return self.expand(ctx, k, depth, PoolBuilder(budgets, device))
+        lengths = torch.tensor([s.length for s in states], device=device)                      # [B]
+        last = torch.stack([s.last_hidden for s in states])                                     # [B, H]
+        if (self.static is not None and (k, depth) == (self.top_k, self.depth)
+                and self.static.fits([self.kv.rows[r] for r in request_ids], [s.length for s in states])):
+            return self.static.run(lengths, last)
+        return self.expand(DraftContext(batch, lengths, base, last), k, depth, PoolBuilder(budgets, device))
 
     def context_pass(self, batch: KVBatch, states: list[_State], new: int) -> None:
         """Run each row's pending pairs (``new`` columns at most) through the drafter, writing their KV after

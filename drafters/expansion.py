@@ -49,16 +49,17 @@ class Pool:
 class PoolBuilder:
     """Appends ``[B, n]`` groups of candidate nodes; ``add`` returns their pool indices ``[B, n]``.
 
-    ``budgets``: nodes the rerank keeps per request (for ``settled``).
+    ``budgets``: nodes the rerank keeps per request (for ``settled``); ``early_stop=False``: never settled
+    (no host read: a CUDA graph runs every level).
     """
 
-    def __init__(self, budgets: list[int], device: torch.device):
+    def __init__(self, budgets: list[int], device: torch.device, early_stop: bool = True):
         self.tokens: list[torch.Tensor] = []
         self.parents: list[torch.Tensor] = []
         self.scores: list[torch.Tensor] = []
         self.size = 0
         self.budgets = budgets
-        self._budgets = torch.tensor(budgets, device=device)                         # [B]
+        self._budgets = torch.tensor(budgets, device=device) if early_stop else None   # [B]
         self.done = False
 
     def add(self, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class PoolBuilder:
         ``budget`` nodes by (score, then lower pool index); a later node has a higher index and a score
         at most the bound, so it ranks after all of them. Once true it stays true.
         """
-        if not self.done and max(self.budgets) <= self.size:
+        if self._budgets is not None and not self.done and max(self.budgets) <= self.size:
             top = torch.cat(self.scores, 1).topk(max(self.budgets), dim=1).values       # [B, b_max] descending
             kth = top.gather(1, (self._budgets - 1).clamp(min=0)[:, None])[:, 0]        # [B]
             self.done = bool(((kth >= frontier.amax(-1)) | (self._budgets == 0)).all())

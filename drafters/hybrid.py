@@ -148,6 +148,9 @@ class HybridDrafter(Drafter):
                 scores[i] = min(scores[i], scores[p])
         return rerank(tokens, parents, scores, request.budget)
 
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.model.enable_cuda_graphs(max_num_seqs, max_model_len)
+
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         self.model.on_accept(updates)
         for u in updates:

@@ -172,6 +172,19 @@ def tiny_features(work, records: list[dict], shard_size: int, cfg: dict):
     return model, meta
 
 
+def tiny_gumiho_net(target, mlp_num: int = 5, res_blocks: int = 2, seed: int = 4, std: float = 0.3):
+    """A random two-layer Gumiho drafter on ``target``'s embedding and LM head (``tiny_hf_config`` dims)."""
+    from drafters.gumiho_model import GumihoConfig, GumihoDrafter
+
+    torch.manual_seed(seed)
+    cfg = GumihoConfig.from_dict(tiny_hf_config(), num_hidden_layers=2, mlp_num=mlp_num, mlp_res_blocks=res_blocks)
+    net = GumihoDrafter(cfg, target.embed_tokens.weight, target.lm_head.weight).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, std)
+    return net
+
+
 def feed_random_context(drafter, rid: str, tokens: list[int], hidden: int = 64) -> None:
     """Tell a feature drafter that ``tokens`` were committed for ``rid``, with random target features."""
     from drafters.base import AcceptUpdate

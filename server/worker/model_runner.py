@@ -65,6 +65,8 @@ class ModelRunner:
                                   max_num_seqs * (1 + max_tree_tokens), max_tree_tokens, max_model_len,
                                   scratch_block=self.kv.pool.num_blocks)
         self.graphs.capture()
+        if self.drafter is not None:
+            self.drafter.enable_cuda_graphs(max_num_seqs, max_model_len)
 
     def forward(self, ids: list[int], positions: list[int], seqs: list[SeqAttention],
                 has_prefill: bool = False) -> torch.Tensor:

@@ -78,3 +78,28 @@ def test_tree_drafters_on_cuda_are_lossless(tiny_eagle, method, batch):
         drafter = HybridDrafter(drafter, max_tree_tokens=12)
     assert_drafter_lossless(hf, target, drafter, batch, seed=batch, device="cuda", attention_backend="triton",
                             cuda_graphs=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_drafter_graph_replay_equals_its_eager_fixed_shape_run(tiny_eagle, batch):
+    """The EAGLE expansion replayed from a CUDA graph drafts exactly what the same fixed-shape code does eagerly."""
+    import copy
+
+    from helpers import feed_random_context
+
+    from drafters.base import DraftRequest
+    from drafters.eagle import EagleTreeDrafter
+
+    _, _, net = tiny_eagle
+    net = copy.deepcopy(net).cuda()
+    contexts = {f"r{i}": list(range(3 + i, 12 + 2 * i)) for i in range(batch)}
+    trees = []
+    for capture in (True, False):
+        drafter = EagleTreeDrafter(net, 12, 4, 3)
+        drafter.enable_cuda_graphs(max_num_seqs=4, max_model_len=128, capture=capture)
+        for rid, toks in contexts.items():
+            feed_random_context(drafter, rid, toks)
+        trees.append(drafter.propose([DraftRequest(r, t, SamplingParams(), 12) for r, t in contexts.items()]))
+        assert all(g.graph is not None for g in drafter.static.graphs.values()) == capture
+    for graphed, eager in zip(*trees):
+        assert graphed.tokens == eager.tokens and graphed.parents == eager.parents

@@ -11,6 +11,7 @@ from helpers import (
     assert_drafter_lossless,
     feed_random_context,
     tiny_features,
+    tiny_gumiho_net,
     tiny_hf_config,
     word_records,
 )
@@ -27,20 +28,10 @@ FULL = 10**6
 HIDDEN = 64
 
 
-def make_net(target, mlp_num: int = 5, res_blocks: int = 2, seed: int = 4, std: float = 0.3) -> GumihoDrafter:
-    torch.manual_seed(seed)
-    cfg = GumihoConfig.from_dict(tiny_hf_config(), num_hidden_layers=2, mlp_num=mlp_num, mlp_res_blocks=res_blocks)
-    net = GumihoDrafter(cfg, target.embed_tokens.weight, target.lm_head.weight).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, std)
-    return net
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_pair):
     hf, target = tiny_pair
-    return hf, target, make_net(target)
+    return hf, target, tiny_gumiho_net(target)
 
 
 def test_mlp_heads_zero_initialised_and_shapes(tiny_pair):
@@ -81,7 +72,7 @@ def test_pool_structure(tiny, depth, k, pruning):
 
 def test_mlp_input_pairs_each_beam_with_its_own_parent(tiny_pair, monkeypatch):
     """The faithful pairing: beam b's MLP input holds b's parent's token and b's own token/feature."""
-    net = make_net(tiny_pair[1], seed=0, std=0.1)      # flat enough that survivors' parents are out of rank order
+    net = tiny_gumiho_net(tiny_pair[1], seed=0, std=0.1)      # flat enough that survivors' parents are out of rank order
     d = GumihoTreeDrafter(net, total_tokens=12, depth=6, top_k=4)
     feed_random_context(d, "a", [5, 6, 7, 8, 9, 10])
     seen = {}
