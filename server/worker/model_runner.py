@@ -13,6 +13,7 @@ import logging
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from drafters.accept import AcceptResult, greedy_accept, sample_accept
@@ -138,20 +139,24 @@ class ModelRunner:
         ends = torch.tensor([seq.num_new for seq in seqs]).cumsum(0).tolist()
         wanted = [i for end, n in zip(ends, n_logits) for i in range(end - n, end)]
         logits = self.model.compute_logits(hidden[wanted]).float()                 # [R, V]
+        greedy = any(s.request.params.greedy for s in sched.scheduled)
+        best = logits.argmax(-1).tolist() if greedy else []                        # [R]: one host read for all
         t2 = now(self.device)
-        out, updates, row = RunnerOutput(), [], 0
+        out, updates, moves, row = RunnerOutput(), [], [], 0
         for s, seq, end, n in zip(sched.scheduled, seqs, ends, n_logits):
             updates.append(self._finish_request(s, hidden[end - seq.num_new:end], logits[row:row + n],
-                                                trees.get(s.request.request_id), out))
+                                                best[row:row + n], trees.get(s.request.request_id), out, moves))
             row += n
+        self._compact(moves)
         if self.drafter is not None:
             self.drafter.on_accept(updates)
         out.timings = {"draft": t1 - t0, "forward": t2 - t1, "accept": now(self.device) - t2}
         return out
 
-    def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, logits: torch.Tensor,
-                        tree: DraftTree | None, out: RunnerOutput) -> AcceptUpdate:
-        """Sample or accept for one request. ``rows`` [n, hidden] its features, ``logits`` [0, 1 or n, V]."""
+    def _finish_request(self, s: ScheduledRequest, rows: torch.Tensor, logits: torch.Tensor, best: list[int],
+                        tree: DraftTree | None, out: RunnerOutput, moves: list[np.ndarray]) -> AcceptUpdate:
+        """Sample or accept for one request. ``rows`` [n, hidden] its features, ``logits`` [0, 1 or n, V],
+        ``best`` their argmax (greedy requests); the KV moves of an accepted path join ``moves``."""
         req = s.request
         rid, start = req.request_id, req.num_computed_tokens
         if s.partial:                                   # a prefill chunk: the next prompt token follows it
@@ -162,32 +167,39 @@ class ModelRunner:
         if gen is None:
             gen = self.generators[rid] = new_generator(req.params.seed, self.device)
         if tree is None:
-            token = sample_token(logits[-1], req.params, gen)
+            token = best[-1] if req.params.greedy else sample_token(logits[-1], req.params, gen)
             out.new_tokens[rid] = [token]
             if not s.is_prefill and self.drafter is not None:
                 out.drafted[rid], out.accepted[rid] = 0, 0
             return AcceptUpdate(rid, start, req.token_ids[start:], rows, token, reset=s.first_chunk)
-        result = self._accept(tree, logits, req.params, gen)
-        self._compact(rid, start, result)
+        result = self._accept(tree, logits, best, req.params, gen)
+        moves.extend(self._moves(rid, start, result))
         out.new_tokens[rid] = result.emitted
         out.drafted[rid], out.accepted[rid] = len(tree), result.accept_length
         keep = [0] + [n + 1 for n in result.nodes]                                 # root + accepted rows
         return AcceptUpdate(rid, start, [req.token_ids[-1]] + result.tokens, rows[keep], result.bonus)
 
     @staticmethod
-    def _accept(tree: DraftTree, logits: torch.Tensor, params, gen: torch.Generator) -> AcceptResult:
+    def _accept(tree: DraftTree, logits: torch.Tensor, best: list[int], params, gen: torch.Generator) -> AcceptResult:
         if params.greedy:
-            return greedy_accept(tree, logits.argmax(-1))
+            return greedy_accept(tree, torch.tensor(best))
         return sample_accept(tree, processed_probs(logits, params), gen, tree.draft_probs)
 
-    def _compact(self, rid: str, start: int, result: AcceptResult) -> None:
-        """Move accepted nodes' KV from their tree slots to contiguous slots after the root."""
-        moves = [(node, i) for i, node in enumerate(result.nodes) if node != i]   # (tree index, depth - 1)
+    def _moves(self, rid: str, start: int, result: AcceptResult) -> list[np.ndarray]:
+        """``[2, m]`` flat (source, destination) slots taking accepted nodes' KV from their tree slots to the
+        contiguous slots after the root (none when the path is already in place)."""
+        pairs = [(node, i) for i, node in enumerate(result.nodes) if node != i]   # (tree index, depth - 1)
+        if not pairs:
+            return []
+        tree_slots = slots_for(self.kv.block_table(rid), start + 1, start + 2 + result.nodes[-1], self.kv.block_size)
+        return [tree_slots[np.array(pairs).T]]
+
+    def _compact(self, moves: list[np.ndarray]) -> None:
+        """Every request's KV moves of this step in one gather and one scatter per layer (requests' slots are
+        disjoint, and each gather reads before its scatter writes)."""
         if not moves:
             return
-        tree_slots = slots_for(self.kv.block_table(rid), start + 1, start + 2 + result.nodes[-1], self.kv.block_size)
-        src = torch.from_numpy(tree_slots[[a for a, _ in moves]]).to(self.device)
-        dst = torch.from_numpy(tree_slots[[b for _, b in moves]]).to(self.device)
+        src, dst = torch.from_numpy(np.concatenate(moves, axis=1)).to(self.device)   # [m] each
         for k_cache, v_cache in self.kv_caches:
             self.backend.copy_slots(k_cache, v_cache, src, dst)
 
