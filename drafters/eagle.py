@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
@@ -122,13 +123,16 @@ class EagleTreeDrafter(Drafter):
         """Run each row's pending pairs (``new`` columns at most) through the drafter, writing their KV after
         its committed length."""
         device, dtype, rows = self.kv.keys.device, self.kv.keys.dtype, len(states)
-        tokens = torch.zeros(rows, new, dtype=torch.long, device=device)                      # [B, n]
-        feats = torch.zeros(rows, new, self.model.config.hidden_size, dtype=dtype, device=device)  # [B, n, H]
         counts = [len(s.pending_tokens) for s in states]
+        host = np.zeros((rows, new), dtype=np.int64)                                           # [B, n]
         for b, s in enumerate(states):
-            if counts[b]:
-                tokens[b, :counts[b]] = torch.tensor(s.pending_tokens, device=device)
-                feats[b, :counts[b]] = torch.cat(s.pending_features)
+            host[b, :counts[b]] = s.pending_tokens
+        flat = [b * new + j for b in range(rows) for j in range(counts[b])]                   # [sum counts]
+        tokens = torch.from_numpy(host).to(device)                                            # [B, n]
+        feats = torch.zeros(rows * new, self.model.config.hidden_size, dtype=dtype, device=device)  # [B * n, H]
+        pending = torch.cat([f for s in states for f in s.pending_features]).to(device, dtype)  # [sum counts, H]
+        feats.index_copy_(0, torch.tensor(flat, device=device), pending)
+        feats = feats.view(rows, new, -1)                                                     # [B, n, H]
         lengths = torch.tensor([s.length for s in states], device=device)                     # [B]
         columns = lengths[:, None] + torch.arange(new, device=device)                        # [B, n]
         width = max(s.length for s in states) + new
