@@ -7,6 +7,7 @@ forward / accept, synchronised) and the ops with the most self time on the host 
 session that finds a phase slow learns why in one call::
 
     python -m bench.profile_step --device cuda --drafters none lookup eagle --out $OUT/profile.json
+    python -m bench.profile_step --device cuda --drafters none --cuda-graphs false --out $OUT/eager.json
     python -m bench.profile_step --device cpu --drafters eagle --steps 4 --out /tmp/profile.json   # smoke run
 """
 
@@ -48,8 +49,9 @@ def top_ops(prof, key: str) -> list[dict]:
 
 
 def profile_drafter(args, drafter: str) -> dict:
+    graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
     cfg = ServerConfig(model=args.model, device=args.device, drafter=drafter, max_draft_tokens=args.budget,
-                       calibrate_tree=False, max_num_seqs=max(args.concurrency, 1))
+                       calibrate_tree=False, max_num_seqs=max(args.concurrency, 1), cuda_graphs=graphs)
     engine, _ = build_engine(cfg)
     for i, ids in enumerate(prompts(args.questions, args.concurrency, engine.tokenizer)):
         engine.add_request(f"q{i}", ids, SamplingParams(max_tokens=args.warmup + args.steps * 8, temperature=0.0))
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
     p.add_argument("--warmup", type=int, default=8, help="steps before profiling (prefill, first compiles)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cuda-graphs", choices=["auto", "true", "false"], default="auto",
+                   help="auto: on with CUDA (the server's default); false profiles the eager forward")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     report = {"command": "python -m bench.profile_step " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -57,6 +57,8 @@ profile() {   # where a served step's time goes, per drafter (torch.profiler; be
       --drafters ${PROFILE_DRAFTERS:-none lookup eagle gumiho hybrid} --concurrency "$c" --budget 32 \
       --out "$OUT/profile_c$c.json" 2>&1 | grep -v INFO | tail -60
   done
+  $PY -m bench.profile_step --model "$MODEL" --device cuda --questions .carry/data/mt_bench.jsonl \
+    --drafters none --cuda-graphs false --out "$OUT/profile_eager_c1.json" 2>&1 | grep -v INFO | tail -14
 }
 issue11() {   # the newer drafters at batch 1 (Medusa dynamic vs static, draft model, GSD merge on/off)
   need_model issue11 || return 1
