@@ -23,7 +23,7 @@ from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.draft_kv import DraftKV, KVBatch, Slots
 from drafters.eagle_model import EagleDrafter
 from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder
-from drafters.expansion_graphs import StaticExpansion
+from drafters.expansion_graphs import StaticContext, StaticExpansion
 from drafters.tree import DraftTree
 
 
@@ -48,14 +48,16 @@ class EagleTreeDrafter(Drafter):
         cfg, weight = model.config, model.embed_weight                              # activations' dtype
         self.kv = DraftKV(cfg.num_hidden_layers * cfg.num_key_value_heads, cfg.head_dim, weight.dtype, weight.device)
         self.static: StaticExpansion | None = None   # the graphed expansion of the default shape, once enabled
+        self.static_context: StaticContext | None = None
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
         """Freeze the drafter KV (``max_num_seqs`` rows, every position plus the tree's scratch columns) and run
-        the default tree shape's expansion from CUDA graphs (``drafters.expansion_graphs``; ``capture=False``
-        runs the same fixed-shape code eagerly)."""
-        self.kv.freeze(max(max_num_seqs, len(self.kv.owners)), max_model_len + self.depth * self.top_k)
-        self.static = StaticExpansion(self.expand, self.kv, self.top_k, self.depth, self.model.config.hidden_size,
-                                      capture)
+        the context pass and the default tree shape's expansion from CUDA graphs (``drafters.expansion_graphs``;
+        ``capture=False`` runs the same fixed-shape code eagerly)."""
+        scratch, hidden = self.depth * self.top_k, self.model.config.hidden_size
+        self.kv.freeze(max(max_num_seqs, len(self.kv.owners)), max_model_len + scratch)
+        self.static = StaticExpansion(self.expand, self.kv, self.top_k, self.depth, hidden, capture)
+        self.static_context = StaticContext(self.context_forward, self.kv, hidden, scratch, capture)
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         for u in updates:
@@ -109,45 +111,76 @@ class EagleTreeDrafter(Drafter):
         width = max(base + depth * k, max(s.length for s in states) + new)
         self.kv.reserve(width)
         batch = self.kv.batch(request_ids, width)
-        if new:
+        rows = [self.kv.rows[r] for r in request_ids]
+        if new and self.static_context is not None and self.static_context.fits(rows, new):
+            self.static_context_pass(states, new)
+        elif new:
             self.context_pass(batch, states, new)
         device = self.kv.keys.device
         lengths = torch.tensor([s.length for s in states], device=device)                      # [B]
         last = torch.stack([s.last_hidden for s in states])                                     # [B, H]
         if (self.static is not None and (k, depth) == (self.top_k, self.depth)
-                and self.static.fits([self.kv.rows[r] for r in request_ids], [s.length for s in states])):
+                and self.static.fits(rows, [s.length for s in states])):
             return self.static.run(lengths, last)
         return self.expand(DraftContext(batch, lengths, base, last), k, depth, PoolBuilder(budgets, device))
 
     def context_pass(self, batch: KVBatch, states: list[_State], new: int) -> None:
         """Run each row's pending pairs (``new`` columns at most) through the drafter, writing their KV after
         its committed length."""
-        device, dtype, rows = self.kv.keys.device, self.kv.keys.dtype, len(states)
-        counts = [len(s.pending_tokens) for s in states]
-        host = np.zeros((rows, new), dtype=np.int64)                                           # [B, n]
+        device = self.kv.keys.device
+        tokens, feats = self.pending_inputs(states, len(states), new)                      # [B, n], [B, n, H]
+        lengths = torch.tensor([s.length for s in states], device=device)                     # [B]
+        start = states[0].length if len(states) == 1 else lengths
+        hidden, columns = self.context_forward(batch, tokens, feats, lengths, max(s.length for s in states) + new,
+                                               start)                                        # [B, n, H], [B, n]
+        self.kv.write_back(batch, columns)
+        counts = torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=device)   # [B]
+        self.commit(states, hidden.gather(1, counts[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0])
+
+    def static_context_pass(self, states: list[_State], new: int) -> None:
+        """``context_pass`` for rows ``0 .. n - 1`` through ``static_context`` (a CUDA graph once enabled)."""
+        device = self.kv.keys.device
+        rows, width = self.static_context.shape(len(states), new)
+        tokens, feats = self.pending_inputs(states, rows, width)                              # [R, N], [R, N, H]
+        lengths = torch.tensor([s.length for s in states], device=device)                     # [n]
+        last_index = torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=device)   # [n]
+        self.commit(states, self.static_context.run(tokens, feats, lengths, last_index))
+
+    def pending_inputs(self, states: list[_State], rows: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending pairs of ``states`` as tokens ``[rows, new]`` and features ``[rows, new, H]`` (zeros past each
+        row's count and for rows past ``len(states)``), in one host-to-device copy and one ``index_copy``."""
+        device, dtype = self.kv.keys.device, self.kv.keys.dtype
+        host = np.zeros((rows, new), dtype=np.int64)
         for b, s in enumerate(states):
-            host[b, :counts[b]] = s.pending_tokens
-        flat = [b * new + j for b in range(rows) for j in range(counts[b])]                   # [sum counts]
-        tokens = torch.from_numpy(host).to(device)                                            # [B, n]
-        feats = torch.zeros(rows * new, self.model.config.hidden_size, dtype=dtype, device=device)  # [B * n, H]
+            host[b, :len(s.pending_tokens)] = s.pending_tokens
+        flat = [b * new + j for b, s in enumerate(states) for j in range(len(s.pending_tokens))]   # [sum counts]
+        feats = torch.zeros(rows * new, self.model.config.hidden_size, dtype=dtype, device=device)  # [rows * n, H]
         pending = torch.cat([f for s in states for f in s.pending_features]).to(device, dtype)  # [sum counts, H]
         feats.index_copy_(0, torch.tensor(flat, device=device), pending)
-        feats = feats.view(rows, new, -1)                                                     # [B, n, H]
-        lengths = torch.tensor([s.length for s in states], device=device)                     # [B]
+        return torch.from_numpy(host).to(device), feats.view(rows, new, -1)
+
+    def context_forward(self, batch: KVBatch, tokens: torch.Tensor, feats: torch.Tensor, lengths: torch.Tensor,
+                        width: int, start: int | torch.Tensor, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[B, n]`` and features ``[B, n, H]`` after each row's ``lengths [B]`` committed pairs, attending over
+        ``width`` columns (row b, token t sees columns <= length_b + t; ``masked``: even for one row and token)
+        -> hidden ``[B, n, H]`` and the columns their keys/values went to ``[B, n]``."""
+        rows, new = tokens.shape
+        device = tokens.device
         columns = lengths[:, None] + torch.arange(new, device=device)                        # [B, n]
-        width = max(s.length for s in states) + new
         mask = None
-        if rows > 1 or new > 1:                                  # row b, token t sees columns <= length_b + t
+        if rows > 1 or new > 1 or masked:
             mask = (torch.arange(width, device=device)[None, None, :] <= columns[:, :, None]).unsqueeze(1)
-        start = states[0].length if rows == 1 else lengths
         positions = columns.clamp(max=self.model.config.max_position_embeddings - 1)
-        hidden = self.model.step(tokens, feats, positions, Slots(batch, self.model.kv_heads, start, width),
-                                 mask)                                                        # [B, n, H]
-        self.kv.write_back(batch, columns)
+        hidden = self.model.step(tokens, feats, positions, Slots(batch, self.model.kv_heads, start, width), mask)
+        return hidden, columns
+
+    @staticmethod
+    def commit(states: list[_State], last: torch.Tensor) -> None:
+        """The pending pairs are in the KV now: ``last [B, H]`` is each row's output at its last pair."""
         for b, s in enumerate(states):
-            if counts[b]:
-                s.last_hidden = hidden[b, counts[b] - 1]
-                s.length += counts[b]
+            if s.pending_tokens:
+                s.last_hidden = last[b]
+                s.length += len(s.pending_tokens)
                 s.pending_features, s.pending_tokens = [], []
 
     def expand(self, ctx: DraftContext, k: int, depth: int, pool: PoolBuilder) -> Pool:

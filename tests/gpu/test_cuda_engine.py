@@ -82,7 +82,8 @@ def test_tree_drafters_on_cuda_are_lossless(tiny_eagle, method, batch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_drafter_graph_replay_equals_its_eager_fixed_shape_run(tiny_eagle, batch):
-    """The EAGLE expansion replayed from a CUDA graph drafts exactly what the same fixed-shape code does eagerly."""
+    """The EAGLE context pass and expansion replayed from CUDA graphs draft what the same fixed-shape code does
+    eagerly."""
     import copy
 
     from helpers import feed_random_context
@@ -92,7 +93,7 @@ def test_drafter_graph_replay_equals_its_eager_fixed_shape_run(tiny_eagle, batch
 
     _, _, net = tiny_eagle
     net = copy.deepcopy(net).cuda()
-    contexts = {f"r{i}": list(range(3 + i, 12 + 2 * i)) for i in range(batch)}
+    contexts = {f"r{i}": list(range(3 + i, 8 + 2 * i)) for i in range(batch)}   # <= 8 pending: graphed
     trees = []
     for capture in (True, False):
         drafter = EagleTreeDrafter(net, 12, 4, 3)
@@ -100,6 +101,7 @@ def test_drafter_graph_replay_equals_its_eager_fixed_shape_run(tiny_eagle, batch
         for rid, toks in contexts.items():
             feed_random_context(drafter, rid, toks)
         trees.append(drafter.propose([DraftRequest(r, t, SamplingParams(), 12) for r, t in contexts.items()]))
-        assert all(g.graph is not None for g in drafter.static.graphs.values()) == capture
+        graphs = [*drafter.static.graphs.values(), *drafter.static_context.graphs.values()]
+        assert graphs and all(g.graph is not None for g in graphs) == capture
     for graphed, eager in zip(*trees):
         assert graphed.tokens == eager.tokens and graphed.parents == eager.parents

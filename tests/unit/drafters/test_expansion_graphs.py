@@ -58,6 +58,7 @@ def test_static_expansion_drafts_the_dynamic_trees(tiny_eagle, kind, batch):
         g.manual_seed(9)
     longer = {rid: toks + [50, 51] for rid, toks in contexts.items()}
     assert_same_trees(propose(static, longer), propose(dynamic, longer))
+    assert (static.static_context.graphs and not dynamic.static_context)   # two pending pairs: the fixed-shape pass
 
 
 def test_batches_other_than_the_first_rows_draft_eagerly(tiny_eagle):
