@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from bench.harness import machine_info
+from bench.harness import build_prompts, machine_info
 from bench.questions import load_questions
 from server.build import build_engine
 from server.config import ServerConfig
@@ -31,15 +31,10 @@ from server.engine.request import SamplingParams
 TOP = 25
 
 
-def prompts(path: str, n: int, tokenizer) -> list[list[int]]:
+def prompts(path: str, n: int, engine) -> list[list[int]]:
     """The first turn of the first ``n`` questions (cycled), chat-templated."""
     questions = load_questions(path)
-    out = []
-    for i in range(n):
-        chat = [{"role": "user", "content": questions[i % len(questions)].turns[0]}]
-        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        out.append(tokenizer.encode(text, add_special_tokens=False))
-    return out
+    return [ids for _, _, ids in build_prompts(engine, [questions[i % len(questions)] for i in range(n)])]
 
 
 def top_ops(prof, key: str) -> list[dict]:
@@ -53,7 +48,7 @@ def profile_drafter(args, drafter: str) -> dict:
     cfg = ServerConfig(model=args.model, device=args.device, drafter=drafter, max_draft_tokens=args.budget,
                        calibrate_tree=False, max_num_seqs=max(args.concurrency, 1), cuda_graphs=graphs)
     engine, _ = build_engine(cfg)
-    for i, ids in enumerate(prompts(args.questions, args.concurrency, engine.tokenizer)):
+    for i, ids in enumerate(prompts(args.questions, args.concurrency, engine)):
         engine.add_request(f"q{i}", ids, SamplingParams(max_tokens=args.warmup + args.steps * 8, temperature=0.0))
     for _ in range(args.warmup):
         engine.step()

@@ -22,7 +22,7 @@ import torch
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.draft_kv import DraftKV, KVBatch, Slots
 from drafters.eagle_model import EagleDrafter
-from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder
+from drafters.expansion import DraftContext, Expansion, Pool, PoolBuilder, gather_rows
 from drafters.expansion_graphs import StaticContext, StaticExpansion
 from drafters.tree import DraftTree
 
@@ -134,8 +134,7 @@ class EagleTreeDrafter(Drafter):
         hidden, columns = self.context_forward(batch, tokens, feats, lengths, max(s.length for s in states) + new,
                                                start)                                        # [B, n, H], [B, n]
         self.kv.write_back(batch, columns)
-        counts = torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=device)   # [B]
-        self.commit(states, hidden.gather(1, counts[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0])
+        self.commit(states, gather_rows(hidden, self.last_pending(states)[:, None])[:, 0])
 
     def static_context_pass(self, states: list[_State], new: int) -> None:
         """``context_pass`` for rows ``0 .. n - 1`` through ``static_context`` (a CUDA graph once enabled)."""
@@ -143,8 +142,11 @@ class EagleTreeDrafter(Drafter):
         rows, width = self.static_context.shape(len(states), new)
         tokens, feats = self.pending_inputs(states, rows, width)                              # [R, N], [R, N, H]
         lengths = torch.tensor([s.length for s in states], device=device)                     # [n]
-        last_index = torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=device)   # [n]
-        self.commit(states, self.static_context.run(tokens, feats, lengths, last_index))
+        self.commit(states, self.static_context.run(tokens, feats, lengths, self.last_pending(states)))
+
+    def last_pending(self, states: list[_State]) -> torch.Tensor:
+        """``[B]`` each row's index of its last pending pair (0 for a row with none)."""
+        return torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=self.kv.keys.device)
 
     def pending_inputs(self, states: list[_State], rows: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pending pairs of ``states`` as tokens ``[rows, new]`` and features ``[rows, new, H]`` (zeros past each

@@ -27,7 +27,7 @@ from drafters.eagle_model import EagleDrafter
 from drafters.tree import DraftTree, rerank
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x [B, n, ...]`` gathered at ``index [B, m]`` along dim 1 -> ``[B, m, ...]``."""
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
@@ -98,7 +98,7 @@ class Frontier:
 
     def select(self, slot: torch.Tensor) -> Frontier:
         """The nodes at ``slot [B, m]``."""
-        return Frontier(self.tokens.gather(1, slot), _rows(self.feats, slot), self.scores.gather(1, slot))
+        return Frontier(self.tokens.gather(1, slot), gather_rows(self.feats, slot), self.scores.gather(1, slot))
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Layer:
     @cached_property
     def survivors(self) -> Frontier:
         """The next frontier: the survivors, each with the drafter output of its parent."""
-        return Frontier(self.children.gather(1, self.sel), _rows(self.out, self.slot), self.best)
+        return Frontier(self.children.gather(1, self.sel), gather_rows(self.out, self.slot), self.best)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from drafters.draft_kv import DraftKV, KVBatch
-from drafters.expansion import DraftContext, Pool, PoolBuilder
+from drafters.expansion import DraftContext, Pool, PoolBuilder, gather_rows
 
 
 def capture_graph(fn: Callable[[], torch.Tensor | Pool], device: torch.device):
@@ -159,7 +159,7 @@ class StaticContext:
         rows = g.tokens.shape[0]
         batch = KVBatch(self.kv.keys[:rows], self.kv.values[:rows])
         hidden, _ = self.forward(batch, g.tokens, g.feats, g.lengths, self.kv.capacity, g.lengths, masked=True)
-        return hidden.gather(1, g.last_index[:, None, None].expand(-1, 1, self.hidden))[:, 0]   # [R, H]
+        return gather_rows(hidden, g.last_index[:, None])[:, 0]                          # [R, H]
 
     def _build(self, rows: int, new: int) -> _ContextGraph:
         device, dtype = self.kv.keys.device, self.kv.keys.dtype
