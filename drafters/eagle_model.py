@@ -5,6 +5,11 @@ the next token ``x_{t+1}``: ``h_t = fc(cat([embed(x_{t+1}), f_t]))``; one (or mo
 layer(s) then predict ``f_{t+1}``, and the target's LM head turns that into a distribution over
 ``x_{t+2}``. Layer 0 has no input RMSNorm and there is no final norm. The embedding and LM head
 belong to the target: they are passed in, frozen, and never saved with the drafter.
+
+With ``aux_layers`` (EAGLE-3's fused features) the drafter also reads, where the target ran, the outputs
+``a_t [k H]`` of those target decoder layers, each RMS-normalised: ``h_t = fc(cat([embed(x_{t+1}), f_t])) +
+aux_fc(a_t)``. Drafted positions have no target layers to read (``a = 0``); their information reaches
+the drafter through the keys and values of the context it attends to.
 """
 
 from __future__ import annotations
@@ -35,26 +40,30 @@ CUDA_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 @dataclass
 class EagleConfig(LlamaConfig):
     """The drafter's dims: a ``LlamaConfig`` (the target's, with the drafter's layer count; q/k/v without bias)
-    plus EAGLE's ``bias`` of ``fc``."""
+    plus EAGLE's ``bias`` of ``fc`` and the target decoder layers it reads besides the last (``aux_layers``,
+    0-based; none for EAGLE-1/2)."""
 
     bias: bool = True
+    aux_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], **overrides: Any) -> EagleConfig:
         """From an EAGLE ``config.json`` (or the target's HF Llama config plus ``overrides``)."""
         base = LlamaConfig.from_hf({"num_hidden_layers": 1, **cfg})
         values = {f.name: getattr(base, f.name) for f in fields(LlamaConfig)}
-        values.update(attention_bias=bool(cfg.get("attention_bias", False)), bias=cfg.get("bias", True))
+        values.update(attention_bias=bool(cfg.get("attention_bias", False)), bias=cfg.get("bias", True),
+                      aux_layers=tuple(cfg.get("aux_layers", ())))
         values.update(overrides)
         return cls(**values)
 
     @classmethod
     def from_target(cls, hf_cfg: dict[str, Any], num_hidden_layers: int = 1, bias: bool = True,
-                    intermediate_size: int | None = None) -> EagleConfig:
+                    intermediate_size: int | None = None, aux_layers: tuple[int, ...] = ()) -> EagleConfig:
         """A drafter config for a target given by its HF ``config.json`` dict (MLP width: the target's unless
         ``intermediate_size`` is given)."""
         width = {} if intermediate_size is None else {"intermediate_size": intermediate_size}
-        return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias, **width)
+        return cls.from_dict(hf_cfg, num_hidden_layers=num_hidden_layers, bias=bias, aux_layers=tuple(aux_layers),
+                             **width)
 
     def to_dict(self) -> dict[str, Any]:
         """EAGLE ``config.json`` layout: a Llama config of the target's dims plus ``"bias"`` (and any fields a
@@ -118,6 +127,8 @@ class EagleDrafter(nn.Module):
         self.config = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        if cfg.aux_layers:
+            self.aux_fc = Linear(len(cfg.aux_layers) * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.layers = nn.ModuleList(eagle_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)   # [V, H]
         ids = None if head_token_ids is None else head_token_ids.long()
@@ -151,25 +162,33 @@ class EagleDrafter(nn.Module):
         self.head_weight = self.head_weight.to(dtype)
         return self
 
-    def fuse(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``fc(cat([embed(x), f]))``: tokens ``[...]``, features ``[..., H]`` -> ``[..., H]``."""
+    def fuse(self, tokens: torch.Tensor, features: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc(cat([embed(x), f])) (+ aux_fc(norm(a)))``: tokens ``[...]``, features ``[..., H]``, aux
+        ``[..., k H]`` (None: drafted positions) -> ``[..., H]``."""
         dtype = self.embed_weight.dtype
-        return self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))
+        x = self.fc(torch.cat([self.embed(tokens).to(dtype), features.to(dtype)], dim=-1))
+        if aux is None or not self.config.aux_layers:
+            return x
+        hidden = self.config.hidden_size
+        normed = F.rms_norm(aux.to(dtype).unflatten(-1, (-1, hidden)), (hidden,), eps=self.config.rms_norm_eps)
+        return x + self.aux_fc(normed.flatten(-2))                                   # [..., H]
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-                past: KV | None = None, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+                past: KV | None = None, attn_mask: torch.Tensor | None = None,
+                aux: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """Draft ``f̂_{t+1}`` from ``(x_{t+1}, f_t)`` pairs.
 
         tokens ``[B, T]``, features ``[B, T, H]``, positions ``[B, T]``; ``past`` is the KV of
         earlier calls, each ``[B, Hkv * layers, P, D]``; ``attn_mask`` bool ``[B, 1, T, P + T]``
-        (True = attend), None = causal over past + new. Returns hidden ``[B, T, H]`` and the KV
+        (True = attend), None = causal over past + new; ``aux`` ``[B, T, k H]`` the target's
+        ``aux_layers`` outputs (None: drafted features). Returns hidden ``[B, T, H]`` and the KV
         including the past, each ``[B, Hkv * layers, P + T, D]`` (layer i owns heads
         ``[i * Hkv, (i + 1) * Hkv)``).
         """
         if attn_mask is None and past is not None:
             attn_mask = causal_mask(tokens.shape[1], past[0].shape[2], tokens.device)
         cache = ConcatKV(past, self.kv_heads)
-        return self._run(tokens, features, positions, cache, attn_mask, attn_mask is None), cache.result()
+        return self._run(tokens, features, positions, cache, attn_mask, attn_mask is None, aux), cache.result()
 
     def step(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, slots: Slots,
              attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -179,8 +198,8 @@ class EagleDrafter(nn.Module):
         return self._run(tokens, features, positions, slots, attn_mask, False)
 
     def _run(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, cache: KVStore,
-             attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        x = self.fuse(tokens, features)                                              # [B, T, H]
+             attn_mask: torch.Tensor | None, causal: bool, aux: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.fuse(tokens, features, aux)                                         # [B, T, H]
         rope = self.rope.tables(positions.reshape(-1), x.dtype)                     # [B * T, 1, D] each
         for layer in self.layers:
             x = layer(x, rope, cache, attn_mask, causal)
@@ -233,11 +252,11 @@ def save_checkpoint(directory: str | Path, drafter: EagleDrafter, config: EagleC
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop any leading prefix before ``fc.`` / ``layers.`` / ``mlp.`` (Gumiho) and the (ignored)
+    """Drop any leading prefix before ``fc.`` / ``aux_fc.`` / ``layers.`` / ``mlp.`` (Gumiho) and the (ignored)
     ``embed_tokens`` key."""
     out = {}
     for key, value in sd.items():
-        for anchor in ("fc.", "layers.", "mlp.", "head_token_ids"):
+        for anchor in ("fc.", "aux_fc.", "layers.", "mlp.", "head_token_ids"):
             at = key.find(anchor)
             if at == 0 or (at > 0 and key[at - 1] == "."):
                 out[key[at:]] = value

@@ -162,12 +162,13 @@ def word_records(n: int) -> list[dict]:
     return out
 
 
-def tiny_features(work, records: list[dict], shard_size: int, cfg: dict):
-    """Drafter-training features of ``records`` under a random tiny target of ``cfg``: (HF model, meta)."""
-    from drafters.train.features import chunk_records, extract_features
+def tiny_features(work, records: list[dict], shard_size: int, cfg: dict, aux_layers: tuple[int, ...] = ()):
+    """Drafter-training features of ``records`` under a random tiny target of ``cfg`` (and its ``aux_layers``):
+    (HF model, meta)."""
+    from drafters.train.features import chunk_records, extract_features, run_key
 
     model = hf_model_from(cfg)
-    run = {"model": "tiny", "data": "mem", "limit": None, "max_len": 48, "seed": 0, "shard_size": shard_size}
+    run = run_key("tiny", "mem", None, 48, 0, shard_size, aux_layers)
     meta = extract_features(model, ChatByteTokenizer(), chunk_records(records, shard_size), work, run, 48, 256)
     return model, meta
 

@@ -103,7 +103,7 @@ def train_config(args: argparse.Namespace) -> Any:
                        seed=args.seed, resume=args.resume, mlp_num=args.mlp_num,
                        mlp_res_blocks=args.mlp_res_blocks, device=args.device, amp=args.amp,
                        unroll=args.unroll, init=args.init, layers=args.eagle_layers,
-                       intermediate=args.eagle_intermediate)
+                       intermediate=args.eagle_intermediate, aux_layers=tuple(args.aux_layers))
 
 
 def train_eagle_from_args(args: argparse.Namespace, target_config: dict[str, Any], embed: torch.Tensor,
@@ -149,7 +149,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s trains on token ids: no feature extraction", args.method)
     else:                                       # extracts only what --work lacks
         run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
-                     args.shard_size, args.batch_tokens, args.device)
+                     args.shard_size, args.batch_tokens, args.device, tuple(args.aux_layers))
     target_config, embed, lm_head = target_head(args.model)
     summary = _trainer(args.method)(args, target_config, embed, lm_head)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))

@@ -65,6 +65,14 @@ def widened(sd: dict[str, torch.Tensor], intermediate: int, std: float = 0.02,
     return out
 
 
+def fused(sd: dict[str, torch.Tensor], drafter: EagleDrafter) -> dict[str, torch.Tensor]:
+    """An EAGLE-named drafter state given ``drafter``'s ``aux_fc`` (zero, when the state has none), so a drafter
+    that learns to read the target's ``aux_layers`` drafts exactly as ``sd`` did until training moves it."""
+    if not drafter.config.aux_layers or "aux_fc.weight" in sd:
+        return sd
+    return {**sd, "aux_fc.weight": torch.zeros_like(drafter.aux_fc.weight)}
+
+
 def drafter_shape(cfg: TrainConfig) -> tuple[int, int | None]:
     """Decoder layers and MLP width to train: ``cfg``'s where given, else the ``init`` checkpoint's (else one
     layer at the target's width, ``None``)."""
@@ -82,13 +90,15 @@ class EagleRecipe(Recipe):
 
     method = "eagle"
 
-    def __init__(self, save_dtype: torch.dtype = torch.float32, layers: int = 1, intermediate: int | None = None):
+    def __init__(self, save_dtype: torch.dtype = torch.float32, layers: int = 1, intermediate: int | None = None,
+                 aux_layers: tuple[int, ...] = ()):
         super().__init__(save_dtype)
-        self.layers, self.intermediate = layers, intermediate
+        self.layers, self.intermediate, self.aux_layers = layers, intermediate, tuple(aux_layers)
 
     def build(self, target_config: dict[str, Any], embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
               head_ids: torch.Tensor | None) -> EagleDrafter:
-        cfg = EagleConfig.from_target(target_config, self.layers, intermediate_size=self.intermediate)
+        cfg = EagleConfig.from_target(target_config, self.layers, intermediate_size=self.intermediate,
+                                      aux_layers=self.aux_layers)
         return EagleDrafter(cfg, embed_weight, lm_head_weight, head_ids)
 
     def load_init(self, drafter: EagleDrafter, state: dict[str, torch.Tensor]) -> None:
@@ -98,13 +108,15 @@ class EagleRecipe(Recipe):
         if layers > cfg.num_hidden_layers or width > cfg.intermediate_size:
             raise ValueError(f"the init checkpoint has {layers} layers of MLP width {width}; the drafter to train "
                              f"has {cfg.num_hidden_layers} of width {cfg.intermediate_size} (a drafter only grows)")
-        super().load_init(drafter, widened(deepened(state, cfg.num_hidden_layers), cfg.intermediate_size))
+        super().load_init(drafter, fused(widened(deepened(state, cfg.num_hidden_layers), cfg.intermediate_size),
+                                         drafter))
 
     def losses(self, drafter: EagleDrafter, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                noise: float, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if cfg.unroll > 1:
             return self.unrolled_losses(drafter, batch, cfg, noise)
-        pred, _ = drafter(batch["tokens"], noisy(batch["features"], noise), batch["positions"])  # [B, T, H]
+        pred, _ = drafter(batch["tokens"], noisy(batch["features"], noise), batch["positions"],
+                          aux=batch.get("aux"))                                                # [B, T, H]
         out = feature_losses(drafter, pred, batch["targets"], batch["mask"])
         drafted, _ = out.pop("drafted"), out.pop("target_logits")
         return {"loss": cfg.v_weight * out["vloss"] + cfg.p_weight * out["ploss"], **out,
@@ -115,7 +127,7 @@ class EagleRecipe(Recipe):
                         noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Losses of ``cfg.unroll`` drafting steps; ``acc`` and the drafted ids are step 0's."""
         preds = unrolled(drafter, batch["tokens"], noisy(batch["features"], noise), batch["positions"],
-                         cfg.unroll)
+                         cfg.unroll, batch.get("aux"))
         steps = unrolled_losses(drafter, preds, batch["targets"], batch["mask"])
         loss = sum(cfg.unroll_decay ** j * (cfg.v_weight * t["vloss"] + cfg.p_weight * t["ploss"])
                    for j, t in enumerate(steps))
@@ -131,5 +143,5 @@ class EagleRecipe(Recipe):
 def train_eagle(cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
                 lm_head_weight: torch.Tensor, save_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train (or resume) an EAGLE drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
-    recipe = EagleRecipe(save_dtype, *drafter_shape(cfg))
+    recipe = EagleRecipe(save_dtype, *drafter_shape(cfg), aux_layers=cfg.aux_layers)
     return train_drafter(recipe, cfg, target_config, embed_weight, lm_head_weight)

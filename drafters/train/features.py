@@ -3,14 +3,15 @@
 Each record (``prompt``, ``response``) is rendered with the target's chat template, tokenised,
 truncated to ``max_len`` and run through the target. ``--data`` may also be a self-distillation
 folder (``drafters/train/distill.py``): its records are token ids already, the target's own answers.
-The last hidden state (post final RMSNorm, the EAGLE feature) is stored per token. JSONL records are
+The last hidden state (post final RMSNorm, the EAGLE feature) is stored per token, and with ``aux_layers``
+the outputs of those decoder layers (0-based) too, side by side (EAGLE-3's low/mid/high features). JSONL records are
 shuffled with ``seed`` and split into shards of ``shard_size`` records; a distillation folder's
 records keep its shards (already shuffled by ``treespec distill``), one feature shard per
 distillation shard, so a folder that grew since its extraction only adds feature shards. Shards are
 written as ``shard_00000.pt`` dicts::
 
     input_ids  int32 [N]       features  fp16 [N, H]      loss_mask  bool [N] (assistant tokens)
-    offsets    int64 [R + 1]   record_ids list[str]
+    offsets    int64 [R + 1]   record_ids list[str]       aux       fp16 [N, k * H] (with k aux_layers)
 
 Finished shards are skipped on a rerun (resumable). ``token_freq.pt`` (int64 ``[V]``, counts of
 assistant tokens, for FR-Spec truncated heads) and ``meta.json`` (``"complete": true``) close a run.
@@ -118,8 +119,9 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def target_features(model: Any, batch: list[list[int]]) -> list[torch.Tensor]:
-    """Post-norm last hidden states of a right-padded batch: one ``[n_i, H]`` fp32 tensor per sequence."""
+def target_features(model: Any, batch: list[list[int]], aux_layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Post-norm last hidden states of a right-padded batch: one ``[n_i, H]`` fp32 tensor per sequence, or
+    ``[n_i, (1 + k) H]`` with the outputs of the ``k`` decoder layers ``aux_layers`` after it."""
     longest = max(len(ids) for ids in batch)
     input_ids = torch.zeros(len(batch), longest, dtype=torch.long)   # [B, T]
     attention = torch.zeros(len(batch), longest, dtype=torch.long)   # [B, T]
@@ -128,7 +130,8 @@ def target_features(model: Any, batch: list[list[int]]) -> list[torch.Tensor]:
         attention[row, :len(ids)] = 1
     out = model.model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
                       output_hidden_states=True)
-    hidden = out.hidden_states[-1].float().cpu()                     # [B, T, H]
+    states = [out.hidden_states[-1]] + [out.hidden_states[i + 1] for i in aux_layers]   # [B, T, H] each
+    hidden = torch.cat(states, dim=-1).float().cpu()                 # [B, T, (1 + k) H]
     return [hidden[row, :len(ids)] for row, ids in enumerate(batch)]
 
 
@@ -146,22 +149,26 @@ def check_post_norm(model: Any, ids: list[int]) -> None:
 
 
 def extract_shard(model: Any, tokenizer: Any, records: list[dict[str, Any]], max_len: int,
-                  batch_tokens: int, progress: tqdm | None = None) -> dict[str, Any]:
+                  batch_tokens: int, progress: tqdm | None = None, aux_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     """Features of one shard's records (batched by similar length), concatenated in record order."""
     encoded = [tokenize_record(tokenizer, r, max_len) for r in records]
     feats: list[torch.Tensor | None] = [None] * len(records)
     for batch in length_batches([len(ids) for ids, _ in encoded], batch_tokens):
-        for i, f in zip(batch, target_features(model, [encoded[i][0] for i in batch])):
+        for i, f in zip(batch, target_features(model, [encoded[i][0] for i in batch], aux_layers)):
             feats[i] = f.half()
         if progress is not None:
             progress.update(len(batch))
     lengths = torch.tensor([len(ids) for ids, _ in encoded])
+    hidden = model.config.hidden_size
+    everything = torch.cat(feats)                                                              # [N, (1 + k) H]
+    aux = {"aux": everything[:, hidden:].contiguous()} if aux_layers else {}
     return {
         "input_ids": torch.tensor([t for ids, _ in encoded for t in ids], dtype=torch.int32),  # [N]
-        "features": torch.cat(feats),                                                          # [N, H]
+        "features": everything[:, :hidden].contiguous(),                                       # [N, H]
         "loss_mask": torch.tensor([m for _, mask in encoded for m in mask], dtype=torch.bool),  # [N]
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),           # [R + 1]
         "record_ids": [str(r.get("id", "")) for r in records],
+        **aux,                                                                                 # [N, k * H]
     }
 
 
@@ -174,6 +181,15 @@ def shard_groups(work: str | Path) -> list[list[Path]]:
     meta_file = Path(work) / META_FILE
     parts = json.loads(meta_file.read_text()).get("parts") if meta_file.is_file() else None
     return [shard_paths(Path(work) / name) for name in parts] if parts else [shard_paths(work)]
+
+
+def stored_aux_layers(work: str | Path) -> tuple[int, ...] | None:
+    """The ``aux_layers`` every part of ``work`` holds (None when the parts differ)."""
+    meta_file = Path(work) / META_FILE
+    parts = json.loads(meta_file.read_text()).get("parts") if meta_file.is_file() else None
+    metas = [Path(work) / name / META_FILE for name in parts] if parts else [meta_file]
+    held = {tuple(json.loads(m.read_text()).get("aux_layers", ())) if m.is_file() else () for m in metas}
+    return held.pop() if len(held) == 1 else None
 
 
 def held_out_shards(work: str | Path, val_shards: int) -> list[Path]:
@@ -256,7 +272,8 @@ def extract_features(model: Any, tokenizer: Any, chunks: list[list[dict[str, Any
     todo = [i for i in range(len(chunks)) if not (out / f"shard_{i:05d}.pt").is_file()]
     with tqdm(total=sum(len(chunks[i]) for i in todo), desc="features", unit="rec") as bar:
         for i in todo:
-            shard = extract_shard(model, tokenizer, chunks[i], max_len, batch_tokens, bar)
+            shard = extract_shard(model, tokenizer, chunks[i], max_len, batch_tokens, bar,
+                                  tuple(run.get("aux_layers", ())))
             path = out / f"shard_{i:05d}.pt"
             torch.save(shard, path.with_suffix(".tmp"))
             os.replace(path.with_suffix(".tmp"), path)
@@ -270,15 +287,16 @@ def extract_features(model: Any, tokenizer: Any, chunks: list[list[dict[str, Any
 
 
 def run_key(model_dir: str | Path, data: str | Path, limit: int | None, max_len: int, seed: int,
-            shard_size: int) -> dict[str, Any]:
+            shard_size: int, aux_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     """The settings that identify an extraction (a rerun must match them to resume or extend it). A
     distillation folder's features follow its shards (``seed`` and ``shard_size`` do not apply), so one
-    that grew is extended, not re-extracted."""
+    that grew is extended, not re-extracted. ``aux_layers`` is named only when there are some."""
+    aux = {"aux_layers": list(aux_layers)} if aux_layers else {}
     if is_distilled(data):
         return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len,
-                "layout": "one feature shard per distillation shard"}
+                "layout": "one feature shard per distillation shard", **aux}
     return {"model": str(model_dir), "data": str(data), "limit": limit, "max_len": max_len, "seed": seed,
-            "shard_size": shard_size}
+            "shard_size": shard_size, **aux}
 
 
 def feature_parts(data: str | Path, work: str | Path) -> list[tuple[str | Path, Path]]:
@@ -295,14 +313,15 @@ def feature_parts(data: str | Path, work: str | Path) -> list[tuple[str | Path, 
 
 def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str | Path, data: str | Path,
                      work: str | Path, limit: int | None = None, max_len: int = 512, seed: int = 0,
-                     shard_size: int = 250, batch_tokens: int = 4096) -> dict[str, Any]:
+                     shard_size: int = 250, batch_tokens: int = 4096,
+                     aux_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     """Extract every part of ``data`` that ``work`` lacks (``load_target() -> (model, tokenizer)`` is called
     only then) and return the meta of ``work``; ``limit`` applies to each part."""
     parts = feature_parts(data, work)
     target: tuple[Any, Any] | None = None
     metas = []
     for part, folder in parts:
-        run = run_key(model_dir, part, limit, max_len, seed, shard_size)
+        run = run_key(model_dir, part, limit, max_len, seed, shard_size, aux_layers)
         chunks = feature_chunks(part, limit, seed, shard_size)
         if features_complete(folder, run, len(chunks)):
             log.info("using the features in %s", folder)
@@ -314,7 +333,7 @@ def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str 
         return metas[0]
     counts = sum(torch.load(folder / FREQ_FILE, weights_only=True) for _, folder in parts)
     torch.save(counts, Path(work) / FREQ_FILE)
-    meta = {**run_key(model_dir, data, limit, max_len, seed, shard_size), "complete": True,
+    meta = {**run_key(model_dir, data, limit, max_len, seed, shard_size, aux_layers), "complete": True,
             "parts": [folder.name for _, folder in parts],
             **{k: sum(m[k] for m in metas) for k in ("num_records", "num_shards", "assistant_tokens")},
             "hidden_size": metas[0]["hidden_size"], "vocab_size": metas[0]["vocab_size"]}
@@ -324,7 +343,7 @@ def prepare_features(load_target: Callable[[], tuple[Any, Any]], model_dir: str 
 
 def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limit: int | None = None,
                  max_len: int = 512, seed: int = 0, shard_size: int = 250, batch_tokens: int = 4096,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", aux_layers: tuple[int, ...] = ()) -> dict:
     """``prepare_features`` with the target loaded by transformers (fp32, on ``device``) from
     ``model_dir``."""
 
@@ -337,7 +356,7 @@ def run_features(model_dir: str | Path, data: str | Path, work: str | Path, limi
         return model, load_tokenizer(model_dir)
 
     return prepare_features(load_target, model_dir, data, work, limit, max_len, seed, shard_size,
-                            batch_tokens)
+                            batch_tokens, aux_layers)
 
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
@@ -353,6 +372,9 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=250, help="records per shard")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per target forward")
     parser.add_argument("--device", default="cpu", help="torch device for the target and training (cpu, cuda)")
+    parser.add_argument("--aux-layers", type=int, nargs="*", default=[],
+                        help="also store these decoder layers' outputs (0-based; EAGLE-3 fuses e.g. 2 15 27 of 30) "
+                             "and train EAGLE drafters that read them")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     add_feature_flags(parser)
     args = parser.parse_args(argv)
     meta = run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
-                        args.shard_size, args.batch_tokens, args.device)
+                        args.shard_size, args.batch_tokens, args.device, tuple(args.aux_layers))
     print(json.dumps(meta, indent=2))
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from drafters.eagle_model import EagleDrafter, own_state, read_checkpoint
-from drafters.train.features import FREQ_FILE, split_shards
+from drafters.train.features import FREQ_FILE, split_shards, stored_aux_layers
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     unroll_decay: float = 0.8       # EAGLE: step j's loss weight is unroll_decay ** j (EAGLE-3's TTT weights)
     layers: int | None = None       # EAGLE: decoder layers (None: the ``init``'s, else 1; fewer in ``init``: deepened)
     intermediate: int | None = None  # EAGLE: MLP width (None: the ``init``'s, else the target's; narrower: widened)
+    aux_layers: tuple[int, ...] = ()  # EAGLE: target layers fused besides the last (the shards must hold them)
     device: str = "cpu"             # torch device for training (cuda: minutes instead of hours)
     amp: bool = False               # bf16 autocast (CUDA, or a CPU with bf16 products); weights, optimiser state and losses stay fp32
 
@@ -87,11 +88,12 @@ class ShardRecords:
         first = start + rng.randrange(max(1, self.length(i) - max_len + 1))
         last = min(end, first + max_len + 1)
         sh = self.shards[shard]
+        aux = {"aux": sh["aux"][first:last - 1].float()} if "aux" in sh else {}   # [T, k H]  a_t
         return {"tokens": sh["input_ids"][first + 1:last].long(),        # [T]  x_{t+1}
                 "features": sh["features"][first:last - 1].float(),      # [T, H]  f_t
                 "targets": sh["features"][first + 1:last].float(),       # [T, H]  f_{t+1}
                 "mask": sh["loss_mask"][first + 1:last].float(),         # [T]
-                "positions": torch.arange(first - start, last - start - 1)}
+                "positions": torch.arange(first - start, last - start - 1), **aux}
 
 
 def collate(windows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -163,7 +165,7 @@ class Recipe(ABC):
         token, drafting from every start of the batch on the drafter's own features (``unroll.py``)."""
         from drafters.train.unroll import unrolled, unrolled_losses
 
-        preds = unrolled(drafter, batch["tokens"], batch["features"], batch["positions"], depth)
+        preds = unrolled(drafter, batch["tokens"], batch["features"], batch["positions"], depth, batch.get("aux"))
         steps = unrolled_losses(drafter, preds, batch["targets"], batch["mask"], full_head)
         return [(float(t["acc_full"] * t["tokens"]), float(t["tokens"])) for t in steps]
 
@@ -259,6 +261,9 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = Path(cfg.state or out / "train_state.pt")
+    if cfg.aux_layers and stored_aux_layers(cfg.work) != tuple(cfg.aux_layers):
+        raise ValueError(f"the drafter reads target layers {list(cfg.aux_layers)} but the features in {cfg.work} hold "
+                         f"{stored_aux_layers(cfg.work)}: extract them with --aux-layers into a new --work")
     train_paths, val_paths = split_shards(cfg.work, cfg.val_shards)
     train, val = ShardRecords(train_paths), ShardRecords(val_paths)
     state = (torch.load(state_path, weights_only=False, map_location=cfg.device)

@@ -33,10 +33,11 @@ def shift(x: torch.Tensor, by: int) -> torch.Tensor:
 
 
 def unrolled(drafter: EagleDrafter, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-             steps: int) -> list[torch.Tensor]:
+             steps: int, aux: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Predictions ``[B, T, H]`` per step: entry ``j`` at index ``s`` predicts ``f_{s+j+1}`` from start ``s``.
 
-    tokens ``[B, T]`` (``x_{t+1}``), features ``[B, T, H]`` (``f_t``), positions ``[B, T]``.
+    tokens ``[B, T]`` (``x_{t+1}``), features ``[B, T, H]`` (``f_t``), positions ``[B, T]``, aux ``[B, T, k H]``
+    (the target's ``aux_layers`` at ``t``: step 0 only, later steps read drafted features).
     Entries whose chain runs past the window (``s + j >= T``) are meaningless; mask them with ``shift``.
     """
     batch, length = tokens.shape
@@ -45,9 +46,9 @@ def unrolled(drafter: EagleDrafter, tokens: torch.Tensor, features: torch.Tensor
     feats = features
     for j in range(steps):
         mask = unroll_mask(length, j, tokens.device)[None, None].expand(batch, 1, -1, -1)  # [B, 1, T, (j+1)T]
-        out, past = drafter(shift(tokens, j), feats, positions + j, past, mask)           # [B, T, H]
+        out, past = drafter(shift(tokens, j), feats, positions + j, past, mask, aux)      # [B, T, H]
         preds.append(out)
-        feats = out
+        feats, aux = out, None
     return preds
 
 
