@@ -40,8 +40,9 @@ from bench.compare import parse_variant, shape_for
 from bench.harness import hf_model, machine_info
 from drafters.base import AcceptUpdate, Drafter, DraftRequest
 from drafters.corpus import CorpusIndex
+from drafters.eagle_model import EagleConfig
 from drafters.hybrid import HybridDrafter
-from drafters.registry import DRAFTERS, save_acceptance_profile
+from drafters.registry import DRAFTERS, save_acceptance_profile, shipped_drafter
 from drafters.train.distill import distill_shards
 from drafters.train.features import data_folders, hold_out_last, shard_records, target_features
 from drafters.tree import DraftTree, accepted_length
@@ -66,7 +67,7 @@ class NoModel(Drafter):
 def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, budget: int
            ) -> tuple[int, int]:
     """(tokens committed after the prefill's, verify steps) of greedy speculative decoding of ``ids`` (prompt
-    of ``start`` tokens, then the answer; ``features [len(ids), H]`` the target's at every position)."""
+    of ``start`` tokens, then the answer; ``features [len(ids), F]`` the target's at every position)."""
     def commit(first: int, last: int, reset: bool = False) -> None:   # fed positions first..last-1, then ids[last]
         if last < len(ids):
             drafter.on_accept([AcceptUpdate(rid, first, ids[first:last], features[first:last], ids[last], reset)])
@@ -219,9 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     target = hf_model(cfg) if any(parse_variant(s)[0] == "eagle" for s in args.drafters) else None
     features = {}
     if target is not None:
+        eagle = Path(cfg.drafter_path or shipped_drafter(cfg.model, "eagle"))
+        aux = tuple(EagleConfig.from_dict(json.loads((eagle / "config.json").read_text())).aux_layers)
         for f, records in held.items():
             for r in tqdm(records, desc=f"features {Path(f).name}", unit="rec"):
-                features[f, r["id"]] = target_features(target, [r["input_ids"]])[0]        # [L, H]
+                features[f, r["id"]] = target_features(target, [r["input_ids"]], aux)[0]   # [L, (1 + k) H]
     rows = [row for spec in args.drafters
             for row in replay_variant(spec, cfg, target, train, held, features, args.fractions, args.budgets)]
     report = {"command": "python -m bench.lookup_replay " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -38,7 +38,8 @@ class AcceptUpdate:
     request_id: str
     start: int                    # position of the first fed token
     fed_tokens: list[int]         # tokens at positions start .. start + n - 1
-    features: torch.Tensor        # [n, hidden] target post-norm hidden states at those positions
+    features: torch.Tensor        # [n, hidden] target post-norm hidden states at those positions, followed by the
+                                  # outputs of the drafter's ``aux_layers`` ([n, (1 + k) hidden]) when it has any
     next_token: int               # the token the target chose after them (the next root)
     reset: bool = False           # True on (re)prefill: drop any state held for this request
 
@@ -67,6 +68,7 @@ class Drafter(ABC):
     max_tree_tokens: int = 0      # lookahead KV slots the scheduler reserves per request
     acceptance_profile: dict[int, float] | None = None  # measured tau per tree budget, for calibration
     calibratable: bool = True     # start-up calibration can time ``propose`` on synthetic requests
+    aux_layers: tuple[int, ...] = ()  # target decoder layers (0-based) whose outputs the features carry too
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:

@@ -30,7 +30,7 @@ from drafters.tree import DraftTree
 @dataclass
 class _State:
     length: int = 0                           # committed pairs in the request's KV row
-    pending_features: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] each
+    pending_features: list[torch.Tensor] = field(default_factory=list)  # [n_i, F] each (F: feature_width)
     pending_tokens: list[int] = field(default_factory=list)
     last_hidden: torch.Tensor | None = None   # [H] drafter output at the last committed pair
 
@@ -46,6 +46,8 @@ class EagleTreeDrafter(Drafter):
         self.depth, self.top_k = depth or self.default_depth, top_k
         self.states: dict[str, _State] = {}
         cfg, weight = model.config, model.embed_weight                              # activations' dtype
+        self.aux_layers = cfg.aux_layers                  # the runner appends these target layers to each feature
+        self.feature_width = cfg.hidden_size * (1 + len(cfg.aux_layers))
         self.kv = DraftKV(cfg.num_hidden_layers * cfg.num_key_value_heads, cfg.head_dim, weight.dtype, weight.device)
         self.static: StaticExpansion | None = None   # the graphed expansion of the default shape, once enabled
         self.static_context: StaticContext | None = None
@@ -57,7 +59,7 @@ class EagleTreeDrafter(Drafter):
         scratch, hidden = self.depth * self.top_k, self.model.config.hidden_size
         self.kv.freeze(max(max_num_seqs, len(self.kv.owners)), max_model_len + scratch)
         self.static = StaticExpansion(self.expand, self.kv, self.top_k, self.depth, hidden, capture)
-        self.static_context = StaticContext(self.context_forward, self.kv, hidden, scratch, capture)
+        self.static_context = StaticContext(self.context_forward, self.kv, self.feature_width, scratch, capture)
 
     def on_accept(self, updates: list[AcceptUpdate]) -> None:
         for u in updates:
@@ -65,6 +67,9 @@ class EagleTreeDrafter(Drafter):
                 self.states[u.request_id] = _State()
                 self.kv.allocate(u.request_id)
             st = self.states[u.request_id]
+            if u.features.shape[-1] != self.feature_width:
+                raise ValueError(f"feature rows of width {u.features.shape[-1]}; this drafter reads "
+                                 f"{self.feature_width} (the last hidden state and target layers {list(self.aux_layers)})")
             st.pending_features.append(u.features)
             st.pending_tokens.extend(u.fed_tokens[1:] + [u.next_token])  # f_t pairs with x_{t+1}
             if len(st.pending_tokens) >= self.max_pending:
@@ -128,7 +133,7 @@ class EagleTreeDrafter(Drafter):
         """Run each row's pending pairs (``new`` columns at most) through the drafter, writing their KV after
         its committed length."""
         device = self.kv.keys.device
-        tokens, feats = self.pending_inputs(states, len(states), new)                      # [B, n], [B, n, H]
+        tokens, feats = self.pending_inputs(states, len(states), new)                      # [B, n], [B, n, F]
         lengths = torch.tensor([s.length for s in states], device=device)                     # [B]
         start = states[0].length if len(states) == 1 else lengths
         hidden, columns = self.context_forward(batch, tokens, feats, lengths, max(s.length for s in states) + new,
@@ -140,7 +145,7 @@ class EagleTreeDrafter(Drafter):
         """``context_pass`` for rows ``0 .. n - 1`` through ``static_context`` (a CUDA graph once enabled)."""
         device = self.kv.keys.device
         rows, width = self.static_context.shape(len(states), new)
-        tokens, feats = self.pending_inputs(states, rows, width)                              # [R, N], [R, N, H]
+        tokens, feats = self.pending_inputs(states, rows, width)                              # [R, N], [R, N, F]
         lengths = torch.tensor([s.length for s in states], device=device)                     # [n]
         self.commit(states, self.static_context.run(tokens, feats, lengths, self.last_pending(states)))
 
@@ -149,23 +154,24 @@ class EagleTreeDrafter(Drafter):
         return torch.tensor([max(len(s.pending_tokens), 1) - 1 for s in states], device=self.kv.keys.device)
 
     def pending_inputs(self, states: list[_State], rows: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pending pairs of ``states`` as tokens ``[rows, new]`` and features ``[rows, new, H]`` (zeros past each
+        """The pending pairs of ``states`` as tokens ``[rows, new]`` and features ``[rows, new, F]`` (zeros past each
         row's count and for rows past ``len(states)``), in one host-to-device copy and one ``index_copy``."""
         device, dtype = self.kv.keys.device, self.kv.keys.dtype
         host = np.zeros((rows, new), dtype=np.int64)
         for b, s in enumerate(states):
             host[b, :len(s.pending_tokens)] = s.pending_tokens
         flat = [b * new + j for b, s in enumerate(states) for j in range(len(s.pending_tokens))]   # [sum counts]
-        feats = torch.zeros(rows * new, self.model.config.hidden_size, dtype=dtype, device=device)  # [rows * n, H]
-        pending = torch.cat([f for s in states for f in s.pending_features]).to(device, dtype)  # [sum counts, H]
+        feats = torch.zeros(rows * new, self.feature_width, dtype=dtype, device=device)      # [rows * n, F]
+        pending = torch.cat([f for s in states for f in s.pending_features]).to(device, dtype)  # [sum counts, F]
         feats.index_copy_(0, torch.tensor(flat, device=device), pending)
         return torch.from_numpy(host).to(device), feats.view(rows, new, -1)
 
     def context_forward(self, batch: KVBatch, tokens: torch.Tensor, feats: torch.Tensor, lengths: torch.Tensor,
                         width: int, start: int | torch.Tensor, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``[B, n]`` and features ``[B, n, H]`` after each row's ``lengths [B]`` committed pairs, attending over
-        ``width`` columns (row b, token t sees columns <= length_b + t; ``masked``: even for one row and token)
-        -> hidden ``[B, n, H]`` and the columns their keys/values went to ``[B, n]``."""
+        """Tokens ``[B, n]`` and features ``[B, n, F]`` (the target's last hidden state, then its ``aux_layers``) after
+        each row's ``lengths [B]`` committed pairs, attending over ``width`` columns (row b, token t sees columns
+        <= length_b + t; ``masked``: even for one row and token) -> hidden ``[B, n, H]`` and the columns their
+        keys/values went to ``[B, n]``."""
         rows, new = tokens.shape
         device = tokens.device
         columns = lengths[:, None] + torch.arange(new, device=device)                        # [B, n]
@@ -173,7 +179,10 @@ class EagleTreeDrafter(Drafter):
         if rows > 1 or new > 1 or masked:
             mask = (torch.arange(width, device=device)[None, None, :] <= columns[:, :, None]).unsqueeze(1)
         positions = columns.clamp(max=self.model.config.max_position_embeddings - 1)
-        hidden = self.model.step(tokens, feats, positions, Slots(batch, self.model.kv_heads, start, width), mask)
+        h = self.model.config.hidden_size
+        aux = feats[..., h:] if self.aux_layers else None                                    # [B, n, k H]
+        hidden = self.model.step(tokens, feats[..., :h], positions, Slots(batch, self.model.kv_heads, start, width),
+                                 mask, aux)
         return hidden, columns
 
     @staticmethod

@@ -191,11 +191,11 @@ class EagleDrafter(nn.Module):
         return self._run(tokens, features, positions, cache, attn_mask, attn_mask is None, aux), cache.result()
 
     def step(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, slots: Slots,
-             attn_mask: torch.Tensor | None) -> torch.Tensor:
+             attn_mask: torch.Tensor | None, aux: torch.Tensor | None = None) -> torch.Tensor:
         """As ``forward``, with the new keys/values written into ``slots`` in place and attention over its
         first ``slots.width`` columns; ``attn_mask`` ``[B, 1, T, width]`` (bool, or additive float in the
         model's dtype), None = attend to every column. Returns hidden ``[B, T, H]``."""
-        return self._run(tokens, features, positions, slots, attn_mask, False)
+        return self._run(tokens, features, positions, slots, attn_mask, False, aux)
 
     def _run(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, cache: KVStore,
              attn_mask: torch.Tensor | None, causal: bool, aux: torch.Tensor | None = None) -> torch.Tensor:

@@ -139,7 +139,7 @@ class StaticContext:
 
     def run(self, tokens: torch.Tensor, feats: torch.Tensor, lengths: torch.Tensor,
             last_index: torch.Tensor) -> torch.Tensor:
-        """Padded ``tokens [R, N]``, ``feats [R, N, H]`` and the batch's ``lengths [n]``, ``last_index [n]`` ->
+        """Padded ``tokens [R, N]``, ``feats [R, N, F]`` and the batch's ``lengths [n]``, ``last_index [n]`` ->
         the drafter output at each row's last pending pair ``[n, H]`` (a copy: the next replay overwrites)."""
         (rows, new), n = tokens.shape, lengths.shape[0]
         g = self.graphs.get((rows, new)) or self._build(rows, new)

@@ -109,6 +109,7 @@ class HybridDrafter(Drafter):
                                     max_matches=c.max_matches)
         self.max_tree_tokens = max_tree_tokens or model.max_tree_tokens
         self.acceptance_profile = model.acceptance_profile
+        self.aux_layers = model.aux_layers
         self.states: dict[str, _State] = {}
 
     def tree_shape(self) -> tuple[int, int] | None:

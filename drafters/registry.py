@@ -74,9 +74,6 @@ def _eagle(cfg, target) -> Drafter:
 
     path = _checkpoint(cfg, "eagle")
     net = load_checkpoint(path, target.embed_tokens, target.lm_head, cfg.draft_head_vocab)
-    if net.config.aux_layers:
-        raise ValueError(f"the EAGLE drafter in {path} reads target layers {list(net.config.aux_layers)} "
-                         "(trained with --aux-layers); the server does not feed them to a drafter yet")
     net.cast_matrices(draft_weight_dtype(cfg.draft_weights, target.embed_tokens.weight))
     drafter = EagleTreeDrafter(net, cfg.max_draft_tokens, cfg.draft_depth, cfg.draft_top_k)
     drafter.acceptance_profile = load_acceptance_profile(path)

@@ -146,7 +146,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder stack + LM head. ``forward`` returns post-norm features (the EAGLE feature)."""
+    """Decoder stack + LM head. ``forward`` returns post-norm features (the EAGLE feature), followed by the
+    outputs of the decoder layers ``aux_layers`` (0-based; set by the runner for a drafter that reads them)."""
+
+    aux_layers: tuple[int, ...] = ()
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -163,18 +166,22 @@ class LlamaModel(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 backend: AttentionBackend, skip_attn: Collection[int] = (),
                 skip_mlp: Collection[int] = ()) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]``; ``meta`` was built by
-        ``backend`` (the runner's choice for its device). ``skip_attn``/``skip_mlp``: layers whose attention /
-        MLP sub-layer is skipped (SWIFT's self-speculative drafting; empty for the target itself)."""
+        """``input_ids``/``positions`` ``[T]`` -> post-norm hidden ``[T, hidden]`` (``[T, (1 + k) hidden]`` with
+        ``k`` ``aux_layers``); ``meta`` was built by ``backend`` (the runner's choice for its device).
+        ``skip_attn``/``skip_mlp``: layers whose attention / MLP sub-layer is skipped (SWIFT's
+        self-speculative drafting; empty for the target itself)."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions, x.dtype)
+        taps = []
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, rope, kv, meta, backend, skip_attn=i in skip_attn, skip_mlp=i in skip_mlp)
-        return self.norm(x)
+            if i in self.aux_layers:
+                taps.append(x)                                                  # [T, hidden]
+        return torch.cat([self.norm(x), *taps], dim=-1) if taps else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden]`` -> ``[N, vocab]``."""
-        return self.lm_head(hidden)
+        """``[N, hidden]`` (or ``forward``'s wider rows: their first ``hidden`` columns) -> ``[N, vocab]``."""
+        return self.lm_head(hidden[..., :self.config.hidden_size])
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights, fusing q/k/v and gate/up projections."""

@@ -113,7 +113,7 @@ def _asks(tokens: dict[str, list[int]], budget: int) -> list[DraftRequest]:
     return [DraftRequest(rid, toks, SamplingParams(), budget) for rid, toks in tokens.items()]
 
 
-def _commit(drafter: Drafter, tokens: dict[str, list[int]], k: int, hidden_size: int, g: torch.Generator,
+def _commit(drafter: Drafter, tokens: dict[str, list[int]], k: int, width: int, g: torch.Generator,
             device: torch.device, dtype: torch.dtype) -> None:
     """Tell the drafter every calibration request committed ``k`` more tokens (``k - 1`` accepted drafts
     plus the target's next token, as after a verify step), copied from earlier in its own context as a
@@ -122,7 +122,7 @@ def _commit(drafter: Drafter, tokens: dict[str, list[int]], k: int, hidden_size:
     for rid, toks in tokens.items():
         src = int(torch.randint(0, len(toks) - k, (1,), generator=g))
         new = toks[src:src + k]                                                             # [k]
-        features = torch.randn(k, hidden_size, generator=g).to(device, dtype)              # [k, hidden]
+        features = torch.randn(k, width, generator=g).to(device, dtype)                    # [k, width]
         updates.append(AcceptUpdate(rid, len(toks) - 1, toks[-1:] + new[:-1], features, new[-1]))
         toks.extend(new)
     drafter.on_accept(updates)
@@ -145,7 +145,8 @@ def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batc
     tokens = {rid: torch.randint(0, vocab_size, (context + 1,), generator=g).tolist()
               for rid in calibration_ids(max(batches))}
     device = torch.device(device)
-    features = [torch.randn(context, hidden_size, generator=g).to(device, dtype) for _ in tokens]  # [context, hidden]
+    width = hidden_size * (1 + len(drafter.aux_layers))                     # feature rows as the runner's
+    features = [torch.randn(context, width, generator=g).to(device, dtype) for _ in tokens]  # [context, width]
     try:
         drafter.on_accept([AcceptUpdate(rid, 0, toks[:-1], f, toks[-1], reset=True)
                            for (rid, toks), f in zip(tokens.items(), features)])
@@ -158,7 +159,7 @@ def measure_draft_cost(drafter: Drafter, hidden_size: int, vocab_size: int, batc
                 k = max(1, round(tau(n)))
                 times = []
                 for _ in range(repeats):
-                    _commit(drafter, batch, k, hidden_size, g, device, dtype)
+                    _commit(drafter, batch, k, width, g, device, dtype)
                     t = now(device)
                     drafter.propose(_asks(batch, n))
                     times.append(now(device) - t)

@@ -53,6 +53,10 @@ class ModelRunner:
         if drafter is not None:
             drafter.bind(TargetAccess(model, self.forward_skipping, kv.block_table, self.scratch_blocks,
                                       kv.block_size, self.device))
+        model.aux_layers = tuple(drafter.aux_layers) if drafter is not None else ()
+        if any(not 0 <= i < c.num_hidden_layers for i in model.aux_layers):
+            raise ValueError(f"the drafter reads target layers {list(model.aux_layers)}; the target has "
+                             f"{c.num_hidden_layers} (0-based)")
         self.generators: dict[str, torch.Generator] = {}
         self._rng_states: dict[str, torch.Tensor] = {}   # sampled requests' generator states before the last execute
         log.info("KV cache: %d blocks x %d slots (%.1f MiB); attention backend %s", kv.pool.num_blocks,

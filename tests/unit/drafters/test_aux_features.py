@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from drafters import registry
+from drafters.base import DraftRequest
+from drafters.eagle import EagleTreeDrafter
 from drafters.eagle_model import EagleConfig, EagleDrafter, _eagle_state, load_checkpoint, own_state
+from drafters.hybrid import HybridDrafter
 from drafters.train.eagle import TrainConfig, fused, train_eagle
 from drafters.train.features import (
     features_complete,
@@ -20,7 +23,18 @@ from drafters.train.features import (
     stored_aux_layers,
     target_features,
 )
-from tests.helpers import tiny_features, word_records
+from server.engine.request import SamplingParams
+from tests.helpers import (
+    assert_drafter_lossless,
+    feed_random_context,
+    native_from,
+    reference_greedy,
+    run_to_completion,
+    tiny_engine,
+    tiny_features,
+    tiny_hf_config,
+    word_records,
+)
 from tests.unit.drafters.test_eagle_model import HIDDEN, inputs, make_drafter, target_cfg
 
 AUX = (0, 1)
@@ -89,7 +103,100 @@ def test_training_with_aux_layers_learns_to_read_them_and_saves_them(tmp_path):
     loaded = load_checkpoint(tmp_path / "two", embed, embed)
     assert loaded.config.aux_layers == AUX and loaded.aux_fc.weight.abs().sum() > 0
     assert json.loads((tmp_path / "two" / "config.json").read_text())["aux_layers"] == list(AUX)
-    serve = SimpleNamespace(drafter_path=str(tmp_path / "two"), draft_head_vocab=None)
-    with pytest.raises(ValueError, match="does not feed them"):                         # not served yet: says so
-        registry._eagle(serve, SimpleNamespace(embed_tokens=embed, lm_head=embed))
+    serve = SimpleNamespace(drafter_path=str(tmp_path / "two"), draft_head_vocab=None, draft_weights="auto",
+                            max_draft_tokens=8, draft_depth=None, draft_top_k=4)
+    table = SimpleNamespace(weight=embed)
+    assert registry._eagle(serve, SimpleNamespace(embed_tokens=table, lm_head=table)).aux_layers == AUX
 
+
+
+class Recording(EagleTreeDrafter):
+    """An EAGLE tree drafter that keeps every update the runner sends it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list = []
+
+    def on_accept(self, updates):
+        self.seen += updates
+        super().on_accept(updates)
+
+
+def aux_net(target, aux: tuple[int, ...]) -> EagleDrafter:
+    torch.manual_seed(4)
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config(), aux_layers=aux), target.embed_tokens.weight,
+                       target.lm_head.weight).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+@pytest.fixture
+def own_target(tiny_pair):
+    """A native copy of the tiny target: the runner sets ``aux_layers`` on the model it serves."""
+    hf, _ = tiny_pair
+    return hf, native_from(tiny_hf_config(), hf.state_dict())
+
+
+def test_the_runner_feeds_the_drafters_aux_layers(own_target):
+    hf, target = own_target
+    drafter = Recording(aux_net(target, (0,)), total_tokens=6, depth=3, top_k=2)
+    engine = tiny_engine(target, num_blocks=128, drafter=drafter)
+    prompt = [5, 9, 14, 3, 77, 31, 8]
+    engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    got = run_to_completion(engine, {})["r"]
+    assert got == reference_greedy(hf, prompt, 12)
+    ids = prompt + got
+    with torch.no_grad():
+        states = hf.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    width = tiny_hf_config()["hidden_size"]
+    for u in drafter.seen:
+        rows = torch.arange(u.start, u.start + len(u.fed_tokens))
+        if len(u.features) < len(rows):                               # verify: root + accepted nodes only
+            rows = rows[:len(u.features)]
+        assert u.features.shape[1] == 2 * width
+        torch.testing.assert_close(u.features[:, :width], states[-1][0, rows], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(u.features[:, width:], states[1][0, rows], atol=1e-4, rtol=1e-4)
+    assert target.aux_layers == (0,)
+    tiny_engine(target, num_blocks=16)
+    assert target.aux_layers == ()                                    # a runner without the drafter: none
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_an_aux_layer_drafter_is_lossless(own_target, batch):
+    hf, target = own_target
+    drafter = EagleTreeDrafter(aux_net(target, (0, 1)), total_tokens=8, depth=3, top_k=3)
+    assert_drafter_lossless(hf, target, drafter, batch, seed=3)
+    hybrid = HybridDrafter(EagleTreeDrafter(aux_net(target, (1,)), total_tokens=8, depth=3, top_k=3))
+    assert hybrid.aux_layers == (1,)
+    assert_drafter_lossless(hf, target, hybrid, batch, seed=5)
+
+
+def test_a_drafter_given_rows_without_its_aux_layers_says_so(tiny_pair):
+    _, target = tiny_pair
+    drafter = EagleTreeDrafter(aux_net(target, (0,)), total_tokens=6, depth=2, top_k=2)
+    with pytest.raises(ValueError, match="target layers \\[0\\]"):
+        feed_random_context(drafter, "a", [5, 6, 7, 8])
+    with pytest.raises(ValueError, match="target has 2"):
+        tiny_engine(native_from(tiny_hf_config(), tiny_pair[0].state_dict()), num_blocks=16,
+                    drafter=EagleTreeDrafter(aux_net(target, (2,)), total_tokens=6, depth=2, top_k=2))
+
+
+def test_the_fixed_shape_context_pass_reads_aux_layers_as_the_dynamic_one(own_target):
+    hf, target = own_target
+    net = aux_net(target, (0, 1))
+    dynamic = EagleTreeDrafter(net, total_tokens=12, depth=4, top_k=3)
+    static = EagleTreeDrafter(net, total_tokens=12, depth=4, top_k=3)
+    static.enable_cuda_graphs(max_num_seqs=4, max_model_len=96, capture=False)
+    contexts = {"a": [5, 9, 14, 3, 77, 21, 8], "b": [40, 2, 2, 19]}
+    for d in (dynamic, static):
+        for rid, toks in contexts.items():
+            feed_random_context(d, rid, toks, hidden=3 * tiny_hf_config()["hidden_size"])
+    asks = [DraftRequest(rid, toks, SamplingParams(), 12) for rid, toks in contexts.items()]
+    for got, want in zip(static.propose(asks), dynamic.propose(asks)):
+        assert got.tokens == want.tokens and got.parents == want.parents
+    assert static.static_context.graphs                                  # the fixed-shape pass ran
+    static = EagleTreeDrafter(net, total_tokens=8, depth=3, top_k=3)
+    static.enable_cuda_graphs(max_num_seqs=8, max_model_len=512, capture=False)
+    assert_drafter_lossless(hf, target, static, 3, seed=7)
