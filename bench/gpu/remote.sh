@@ -95,18 +95,18 @@ train_data() {   # every finished distillation folder, comma-joined (train-draft
 }
 train_flags() {   # method-specific flags: warm start from the shipped checkpoint
   case "$1" in
-    eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3 ${EAGLE_LAYERS:+--eagle-layers $EAGLE_LAYERS} ${EAGLE_INTERMEDIATE:+--eagle-intermediate $EAGLE_INTERMEDIATE} --save-dtype float16" ;;
+    eagle) echo "--init drafters/checkpoints/smollm2-eagle --unroll 3 ${EAGLE_LAYERS:+--eagle-layers $EAGLE_LAYERS} ${EAGLE_INTERMEDIATE:+--eagle-intermediate $EAGLE_INTERMEDIATE} ${AUX_LAYERS:+--aux-layers $AUX_LAYERS} --save-dtype float16" ;;
     gumiho) echo "--init drafters/checkpoints/smollm2-gumiho --mlp-num 5 --mlp-res-blocks 1 --save-dtype float16" ;;
     medusa) echo "--init drafters/checkpoints/smollm2-medusa --medusa-head trained --head-vocab 2048 --medusa-heads 4 --lr 2e-3" ;;
     draft-model) echo "--init drafters/checkpoints/smollm2-draft --draft-init fresh" ;;
   esac
 }
-train() {   # TRAIN_METHODS (default eagle) share one feature folder; TRAIN_MINUTES each
+train() {   # TRAIN_METHODS (default eagle) share one feature folder (another with AUX_LAYERS); TRAIN_MINUTES each
   need_model train || return 1
   for method in ${TRAIN_METHODS:-eagle}; do
     # shellcheck disable=SC2046
     $PY -m server.cli train-drafter --model "$MODEL" --data "$(train_data)" --device cuda --amp \
-      --method "$method" $(train_flags "$method") --work "$STATE/features" \
+      --method "$method" $(train_flags "$method") --work "$STATE/features${AUX_LAYERS:+-aux}" \
       --out "$STATE/${method}_out" --max-minutes "${TRAIN_MINUTES:-8}" 2>&1 | tail -12
     tar -czf "$OUT/${method}_checkpoint.tgz" -C "$STATE" "${method}_out"
   done
