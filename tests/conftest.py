@@ -33,18 +33,10 @@ def tiny_pair():
 @pytest.fixture(scope="module")
 def tiny_eagle(tiny_pair):
     """(transformers model, native model, random EAGLE drafter on the native model's embedding/head)."""
-    import torch
-
-    from drafters.eagle_model import EagleConfig, EagleDrafter
+    from helpers import tiny_eagle_net
 
     hf, target = tiny_pair
-    torch.manual_seed(4)
-    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config()), target.embed_tokens.weight,
-                       target.lm_head.weight).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return hf, target, net
+    return hf, target, tiny_eagle_net(target)
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,20 @@ def tiny_features(work, records: list[dict], shard_size: int, cfg: dict, aux_lay
     return model, meta
 
 
+def tiny_eagle_net(target, aux_layers: tuple[int, ...] = (), seed: int = 4, std: float = 0.3):
+    """A random one-layer EAGLE drafter on ``target``'s embedding and LM head (``tiny_hf_config`` dims), reading
+    the target's ``aux_layers`` too when given."""
+    from drafters.eagle_model import EagleConfig, EagleDrafter
+
+    torch.manual_seed(seed)
+    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config(), aux_layers=aux_layers), target.embed_tokens.weight,
+                       target.lm_head.weight).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, std)
+    return net
+
+
 def tiny_gumiho_net(target, mlp_num: int = 5, res_blocks: int = 2, seed: int = 4, std: float = 0.3):
     """A random two-layer Gumiho drafter on ``target``'s embedding and LM head (``tiny_hf_config`` dims)."""
     from drafters.gumiho_model import GumihoConfig, GumihoDrafter

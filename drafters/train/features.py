@@ -176,18 +176,21 @@ def shard_paths(work: str | Path) -> list[Path]:
     return sorted(Path(work).glob("shard_*.pt"))
 
 
-def shard_groups(work: str | Path) -> list[list[Path]]:
-    """The feature shards of ``work``, one list per part (a single list unless its meta names parts)."""
+def part_folders(work: str | Path) -> list[Path]:
+    """The folders of ``work``'s parts (``work`` itself unless its meta names parts)."""
     meta_file = Path(work) / META_FILE
     parts = json.loads(meta_file.read_text()).get("parts") if meta_file.is_file() else None
-    return [shard_paths(Path(work) / name) for name in parts] if parts else [shard_paths(work)]
+    return [Path(work) / name for name in parts] if parts else [Path(work)]
+
+
+def shard_groups(work: str | Path) -> list[list[Path]]:
+    """The feature shards of ``work``, one list per part (a single list unless its meta names parts)."""
+    return [shard_paths(folder) for folder in part_folders(work)]
 
 
 def stored_aux_layers(work: str | Path) -> tuple[int, ...] | None:
     """The ``aux_layers`` every part of ``work`` holds (None when the parts differ)."""
-    meta_file = Path(work) / META_FILE
-    parts = json.loads(meta_file.read_text()).get("parts") if meta_file.is_file() else None
-    metas = [Path(work) / name / META_FILE for name in parts] if parts else [meta_file]
+    metas = [folder / META_FILE for folder in part_folders(work)]
     held = {tuple(json.loads(m.read_text()).get("aux_layers", ())) if m.is_file() else () for m in metas}
     return held.pop() if len(held) == 1 else None
 

@@ -261,9 +261,10 @@ def train_drafter(recipe: Recipe, cfg: TrainConfig, target_config: dict[str, Any
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = Path(cfg.state or out / "train_state.pt")
-    if cfg.aux_layers and stored_aux_layers(cfg.work) != tuple(cfg.aux_layers):
+    stored = stored_aux_layers(cfg.work)
+    if cfg.aux_layers and stored != tuple(cfg.aux_layers):
         raise ValueError(f"the drafter reads target layers {list(cfg.aux_layers)} but the features in {cfg.work} hold "
-                         f"{stored_aux_layers(cfg.work)}: extract them with --aux-layers into a new --work")
+                         f"{stored}: extract them with --aux-layers into a new --work")
     train_paths, val_paths = split_shards(cfg.work, cfg.val_shards)
     train, val = ShardRecords(train_paths), ShardRecords(val_paths)
     state = (torch.load(state_path, weights_only=False, map_location=cfg.device)

@@ -30,6 +30,7 @@ from tests.helpers import (
     native_from,
     reference_greedy,
     run_to_completion,
+    tiny_eagle_net,
     tiny_engine,
     tiny_features,
     tiny_hf_config,
@@ -122,16 +123,6 @@ class Recording(EagleTreeDrafter):
         super().on_accept(updates)
 
 
-def aux_net(target, aux: tuple[int, ...]) -> EagleDrafter:
-    torch.manual_seed(4)
-    net = EagleDrafter(EagleConfig.from_target(tiny_hf_config(), aux_layers=aux), target.embed_tokens.weight,
-                       target.lm_head.weight).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return net
-
-
 @pytest.fixture
 def own_target(tiny_pair):
     """A native copy of the tiny target: the runner sets ``aux_layers`` on the model it serves."""
@@ -141,7 +132,7 @@ def own_target(tiny_pair):
 
 def test_the_runner_feeds_the_drafters_aux_layers(own_target):
     hf, target = own_target
-    drafter = Recording(aux_net(target, (0,)), total_tokens=6, depth=3, top_k=2)
+    drafter = Recording(tiny_eagle_net(target, (0,)), total_tokens=6, depth=3, top_k=2)
     engine = tiny_engine(target, num_blocks=128, drafter=drafter)
     prompt = [5, 9, 14, 3, 77, 31, 8]
     engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0))
@@ -166,26 +157,26 @@ def test_the_runner_feeds_the_drafters_aux_layers(own_target):
 @pytest.mark.parametrize("batch", [1, 6])
 def test_an_aux_layer_drafter_is_lossless(own_target, batch):
     hf, target = own_target
-    drafter = EagleTreeDrafter(aux_net(target, (0, 1)), total_tokens=8, depth=3, top_k=3)
+    drafter = EagleTreeDrafter(tiny_eagle_net(target, (0, 1)), total_tokens=8, depth=3, top_k=3)
     assert_drafter_lossless(hf, target, drafter, batch, seed=3)
-    hybrid = HybridDrafter(EagleTreeDrafter(aux_net(target, (1,)), total_tokens=8, depth=3, top_k=3))
+    hybrid = HybridDrafter(EagleTreeDrafter(tiny_eagle_net(target, (1,)), total_tokens=8, depth=3, top_k=3))
     assert hybrid.aux_layers == (1,)
     assert_drafter_lossless(hf, target, hybrid, batch, seed=5)
 
 
 def test_a_drafter_given_rows_without_its_aux_layers_says_so(tiny_pair):
     _, target = tiny_pair
-    drafter = EagleTreeDrafter(aux_net(target, (0,)), total_tokens=6, depth=2, top_k=2)
+    drafter = EagleTreeDrafter(tiny_eagle_net(target, (0,)), total_tokens=6, depth=2, top_k=2)
     with pytest.raises(ValueError, match="target layers \\[0\\]"):
         feed_random_context(drafter, "a", [5, 6, 7, 8])
     with pytest.raises(ValueError, match="target has 2"):
         tiny_engine(native_from(tiny_hf_config(), tiny_pair[0].state_dict()), num_blocks=16,
-                    drafter=EagleTreeDrafter(aux_net(target, (2,)), total_tokens=6, depth=2, top_k=2))
+                    drafter=EagleTreeDrafter(tiny_eagle_net(target, (2,)), total_tokens=6, depth=2, top_k=2))
 
 
 def test_the_fixed_shape_context_pass_reads_aux_layers_as_the_dynamic_one(own_target):
     hf, target = own_target
-    net = aux_net(target, (0, 1))
+    net = tiny_eagle_net(target, (0, 1))
     dynamic = EagleTreeDrafter(net, total_tokens=12, depth=4, top_k=3)
     static = EagleTreeDrafter(net, total_tokens=12, depth=4, top_k=3)
     static.enable_cuda_graphs(max_num_seqs=4, max_model_len=96, capture=False)
