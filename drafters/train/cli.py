@@ -148,6 +148,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.method in TOKEN_METHODS:
         log.info("%s trains on token ids: no feature extraction", args.method)
     else:                                       # extracts only what --work lacks
+        if args.method == "eagle":
+            from drafters.train.eagle import drafter_aux_layers
+
+            args.aux_layers = list(drafter_aux_layers(tuple(args.aux_layers), args.init))
         run_features(args.model, args.data, args.work, args.limit, args.max_len, args.seed,
                      args.shard_size, args.batch_tokens, args.device, tuple(args.aux_layers))
     target_config, embed, lm_head = target_head(args.model)

@@ -12,6 +12,7 @@ assistant tokens (renormalised). The noise is uniform with amplitude 0.2: EAGLE'
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,26 @@ def fused(sd: dict[str, torch.Tensor], drafter: EagleDrafter) -> dict[str, torch
     return {**sd, "aux_fc.weight": torch.zeros_like(drafter.aux_fc.weight)}
 
 
+def init_config(init: str | None) -> dict[str, Any]:
+    """The ``init`` checkpoint's saved config (empty without one)."""
+    return json.loads((Path(init) / "config.json").read_text()) if init else {}
+
+
 def drafter_shape(cfg: TrainConfig) -> tuple[int, int | None]:
     """Decoder layers and MLP width to train: ``cfg``'s where given, else the ``init`` checkpoint's (else one
     layer at the target's width, ``None``)."""
-    saved = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
+    saved = init_config(cfg.init)
     return cfg.layers or saved.get("num_hidden_layers", 1), cfg.intermediate or saved.get("intermediate_size")
+
+
+def drafter_aux_layers(given: tuple[int, ...], init: str | None) -> tuple[int, ...]:
+    """The target layers the drafter reads: ``given``, else the ``init`` checkpoint's. An init that reads other
+    layers than ``given`` cannot be continued (its ``aux_fc`` was trained on them)."""
+    saved = tuple(init_config(init).get("aux_layers", ()))
+    if given and saved and tuple(given) != saved:
+        raise ValueError(f"the init checkpoint {init} reads target layers {list(saved)}, not {list(given)}: "
+                         f"train from it with --aux-layers {' '.join(map(str, saved))} (or none, its default)")
+    return tuple(given) or saved
 
 
 def noisy(features: torch.Tensor, noise: float) -> torch.Tensor:
@@ -143,5 +159,6 @@ class EagleRecipe(Recipe):
 def train_eagle(cfg: TrainConfig, target_config: dict[str, Any], embed_weight: torch.Tensor,
                 lm_head_weight: torch.Tensor, save_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train (or resume) an EAGLE drafter for the target; writes the checkpoint and logs under ``cfg.out``."""
+    cfg = replace(cfg, aux_layers=drafter_aux_layers(cfg.aux_layers, cfg.init))
     recipe = EagleRecipe(save_dtype, *drafter_shape(cfg), aux_layers=cfg.aux_layers)
     return train_drafter(recipe, cfg, target_config, embed_weight, lm_head_weight)

@@ -377,7 +377,7 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the target and training (cpu, cuda)")
     parser.add_argument("--aux-layers", type=int, nargs="*", default=[],
                         help="also store these decoder layers' outputs (0-based; EAGLE-3 fuses e.g. 2 15 27 of 30) "
-                             "and train EAGLE drafters that read them")
+                             "and train EAGLE drafters that read them (train-drafter: default the --init's)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,7 +108,12 @@ def test_training_with_aux_layers_learns_to_read_them_and_saves_them(tmp_path):
                             max_draft_tokens=8, draft_depth=None, draft_top_k=4)
     table = SimpleNamespace(weight=embed)
     assert registry._eagle(serve, SimpleNamespace(embed_tokens=table, lm_head=table)).aux_layers == AUX
-
+    again = TrainConfig(**{**grown.__dict__, "out": str(tmp_path / "three"), "init": grown.out, "aux_layers": (),
+                           "epochs": 1})
+    train_eagle(again, target_cfg(), embed, embed)                                      # the init's layers by default
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["aux_layers"] == list(AUX)
+    with pytest.raises(ValueError, match="reads target layers"):
+        train_eagle(TrainConfig(**{**again.__dict__, "aux_layers": AUX[:1]}), target_cfg(), embed, embed)
 
 
 class Recording(EagleTreeDrafter):
