@@ -9,7 +9,9 @@ verification would accept), and commits it plus the bonus token, as the runner d
 drafter phases are timed by wrapping ``EagleTreeDrafter.context_pass`` / ``trees`` (rerank,
 with its one host transfer), ``Expansion.forward`` / ``head`` / ``top``, ``PoolBuilder.settled``
 (the early-stop check) and ``GumihoTreeDrafter.parallel`` (MLP stage); the rest of ``propose`` is
-"other". Configurations are run round-robin, with one plain decode step (target forward of
+"other". ``--methods hybrid`` times the served default: the EAGLE drafter with prompt lookup and the
+shipped corpus grafted on (``HybridDrafter._merge``: lookup, corpus search, graft and rerank, phase
+"graft"). Configurations are run round-robin, with one plain decode step (target forward of
 one token plus its LM head, at the same context) timed in every round, so all figures share
 the host's conditions. A PNG bar chart is written beside the JSON.
 """
@@ -25,6 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +40,8 @@ from drafters.eagle_model import load_checkpoint
 from drafters.expansion import Expansion, PoolBuilder
 from drafters.gumiho import GumihoTreeDrafter
 from drafters.gumiho_model import load_gumiho_checkpoint
-from drafters.registry import shipped_drafter
+from drafters.hybrid import HybridConfig, HybridDrafter
+from drafters.registry import corpus_index, shipped_drafter
 from drafters.tree import DraftTree
 from kernels import ReferenceBackend, SeqAttention
 from server.build import load_model, resolve_model_path
@@ -45,7 +49,7 @@ from server.engine.request import SamplingParams
 from server.models.loader import load_tokenizer
 
 BLOCK = 16
-PHASES = ["context", "forward", "head", "topk", "mlp", "stop_check", "rerank", "other"]
+PHASES = ["context", "forward", "head", "topk", "mlp", "stop_check", "rerank", "graft", "other"]
 
 
 class Recorder:
@@ -193,16 +197,19 @@ def drafter_nets(target_model, methods: list[str], weights: list[str], paths: di
     """(method, weights, folder) -> the drafter network of each checkpoint folder in ``paths[method]`` (with its
     truncated head) on the target's embedding and head, its weight matrices in ``weights``
     (``EagleDrafter.cast_matrices``)."""
-    loaders = {"eagle": load_checkpoint, "gumiho": load_gumiho_checkpoint}
+    loaders = {"eagle": load_checkpoint, "hybrid": load_checkpoint, "gumiho": load_gumiho_checkpoint}
     return {(m, w, folder): loaders[m](folder, target_model.embed_tokens,
                                        target_model.lm_head).cast_matrices(getattr(torch, w))
             for m in methods for w in weights for folder in paths[m]}
 
 
-def make_drafter(net, method: str, budget: int, top_k: int, pruning: int):
-    """The shipped configuration (default depth: eagle 5, gumiho 6; Gumiho ``mlp_top_k = pruning``)."""
+def make_drafter(net, method: str, budget: int, top_k: int, pruning: int, corpus=None):
+    """The shipped configuration (default depth: eagle 5, gumiho 6; Gumiho ``mlp_top_k = pruning``; the hybrid
+    with the default options and ``corpus``)."""
     if method == "eagle":
         return EagleTreeDrafter(net, budget, None, top_k)
+    if method == "hybrid":
+        return HybridDrafter(EagleTreeDrafter(net, budget, None, top_k), HybridConfig(), budget, corpus)
     return GumihoTreeDrafter(net, budget, None, top_k, pruning, pruning)
 
 
@@ -233,7 +240,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results/draft_cost.json")
-    p.add_argument("--methods", nargs="+", default=["eagle", "gumiho"], choices=["eagle", "gumiho"])
+    p.add_argument("--methods", nargs="+", default=["eagle", "gumiho"], choices=["eagle", "gumiho", "hybrid"])
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16])
     p.add_argument("--weights", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="dtypes of the drafters' weight matrices to compare (activations stay fp32)")
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--eagle-path", nargs="+", default=None,
-                   help="EAGLE checkpoint folder(s), timed round-robin (default: the shipped one)")
+                   help="EAGLE (and hybrid) checkpoint folder(s), timed round-robin (default: the shipped one)")
     p.add_argument("--gumiho-path", nargs="+", default=None,
                    help="Gumiho checkpoint folder(s), timed round-robin (default: the shipped one)")
     args = p.parse_args(argv)
@@ -264,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         seqs = [target.continue_greedy(x, args.new_tokens) for x in prompts]
     paths = {m: given or [str(shipped_drafter("default", m))]
              for m, given in (("eagle", args.eagle_path), ("gumiho", args.gumiho_path))}
+    paths["hybrid"] = paths["eagle"]
     nets = drafter_nets(model, args.methods, args.weights, paths)
+    corpus = corpus_index(SimpleNamespace(hybrid=HybridConfig(), model="default")) if "hybrid" in args.methods else None
     starts = [len(x) + args.start for x in prompts]
-    runs = [Run(method, budget, make_drafter(nets[method, w, folder], method, budget, args.top_k, args.pruning),
+    runs = [Run(method, budget, make_drafter(nets[method, w, folder], method, budget, args.top_k, args.pruning, corpus),
                 seqs[:batch], starts[:batch], w, folder)
             for method in args.methods for folder in paths[method] for budget in args.budgets
             for batch in args.batches for w in args.weights]
@@ -274,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     for owner, method, phase in ((EagleTreeDrafter, "context_pass", "context"), (EagleTreeDrafter, "trees", "rerank"),
                                  (Expansion, "forward", "forward"), (Expansion, "head", "head"),
                                  (Expansion, "top", "topk"), (PoolBuilder, "settled", "stop_check"),
-                                 (GumihoTreeDrafter, "parallel", "mlp")):
+                                 (GumihoTreeDrafter, "parallel", "mlp"), (HybridDrafter, "_merge", "graft")):
         recorder.wrap(owner, method, phase)
     with torch.inference_mode():
         for i in range(args.warmup + args.steps):

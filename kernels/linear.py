@@ -8,16 +8,20 @@ the kernel PyTorch's inductor uses for frozen CPU linears) is nearly flat from 1
 measured per call on 2 cores (fp32, ``bench/linear_ab/gemm_shapes.py``): 3072x576 at 1 / 9 / 16
 rows 0.14 / 0.53 / 0.54 ms (F.linear) -> 0.08 / 0.18 / 0.28 ms; the 49152x576 LM head
 10.7 / 21.4 / 21.9 ms -> 5.5 / 5.6 / 6.5 ms. In the full SmolLM2 forward (256-token context)
-8 / 16 / 64 tokens drop by 1.3-1.7x. A single row (plain decoding) is memory-bound either way
-and keeps MKL's two-column product, a few ms per forward faster in A/B runs
-(``bench/linear_ab/single_row.py``). The packed copy is made on first use, remade when the
+8 / 16 / 64 tokens drop by 1.3-1.7x. A single row (plain decoding) is memory-bound, and which kernel
+streams it fastest depends on the CPU: MKL's two-column product won on the AMD EPYC hosts, MKL's gemv
+(``F.linear``) on an Intel Xeon (Sapphire Rapids class), where the two-column product took 3x as long
+for the LM head (``bench/linear_ab/single_row.py``). So ``single_row`` times the candidates once per
+weight shape, on first use, and keeps the fastest. The packed copy is made on first use, remade when the
 weight changes (``_version``, storage) and dropped with the weight; training (grad enabled),
 CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 rounding.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +93,43 @@ def bf16_supported() -> bool:
     return _ONEDNN_BF16 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``W @ x^T`` with the row doubled: MKL's gemm for two columns beats its gemv (and oneDNN) at one row."""
+def two_column(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W @ x^T`` with the row doubled (MKL's gemm for two columns; on AMD EPYC it beat gemv and oneDNN)."""
     y = torch.mm(weight, torch.cat([flat, flat]).t())[:, :1].t()                # [1, out]
     return y + bias if bias is not None else y
+
+
+def onednn_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")
+
+
+SINGLE_ROW: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "gemv": F.linear, "two_column": two_column, "onednn": onednn_row}
+_single_row_pick: dict[tuple[int, int], str] = {}     # weight shape -> the fastest SINGLE_ROW kernel, timed once
+
+
+def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``flat [1, in]`` -> ``[1, out]`` through the kernel that was fastest for this weight shape (``pick_single_row``)."""
+    name = _single_row_pick.get(tuple(weight.shape)) or pick_single_row(flat, weight, bias)
+    return SINGLE_ROW[name](flat, weight, bias)
+
+
+def pick_single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3,
+                    calls: int = 3) -> str:
+    """Time each ``SINGLE_ROW`` kernel (oneDNN where available) on this product, round-robin, and remember the one
+    with the fastest mean of ``calls`` calls for ``weight``'s shape. All agree to fp32 rounding."""
+    names = [n for n in SINGLE_ROW if n != "onednn" or _ONEDNN]
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(rounds):
+        for name in names:
+            kernel = SINGLE_ROW[name]
+            kernel(flat, weight, bias)                                           # warm (and pack) first
+            start = time.perf_counter()
+            for _ in range(calls):
+                kernel(flat, weight, bias)
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    _single_row_pick[tuple(weight.shape)] = min(best, key=best.get)
+    return _single_row_pick[tuple(weight.shape)]
 
 
 class Linear(torch.nn.Linear):

@@ -1,7 +1,10 @@
-"""One-token forward, single rows through MKL's two-column product ("hybrid", kernels/linear.py) vs oneDNN.
+"""One-token forward of the served target: each single-row kernel of kernels/linear.py forced for every
+weight, and ``auto`` (the per-shape pick timed on first use, what serving runs).
 
 Usage: .venv/bin/python bench/linear_ab/single_row.py   (4 alternating rounds, median of 15 each, ms)
 """
+import json
+
 import torch
 
 import kernels.linear as L
@@ -10,13 +13,15 @@ from server.config import ServerConfig
 from server.worker.calibrate import measure_verify_cost
 
 eng, _ = build_engine(ServerConfig(drafter="none"))
-orig = L.single_row
-def via_onednn(flat, w, b):
-    return torch.ops.mkldnn._linear_pointwise(flat, L.packed_weight(w), b, "none", [], "")
-res = {"hybrid": [], "onednn": []}
+auto = L.single_row
+modes = {"auto": auto} | {name: (lambda flat, w, b, k=kernel: k(flat, w, b)) for name, kernel in L.SINGLE_ROW.items()
+                          if name != "onednn" or L._ONEDNN}
+res = {mode: [] for mode in modes}
 for rnd in range(4):
-    for mode in ("hybrid", "onednn"):
-        L.single_row = orig if mode == "hybrid" else via_onednn
+    for mode, kernel in modes.items():
+        L.single_row = kernel
         c = measure_verify_cost(eng.runner, [0], context=256, repeats=15)
-        res[mode].append(round(c[0]*1000, 1))
-print(res)
+        res[mode].append(round(c[0] * 1000, 1))
+L.single_row = auto
+print(json.dumps({"threads": torch.get_num_threads(), "ms_per_forward": res,
+                  "auto_picks": {f"{o}x{i}": n for (o, i), n in L._single_row_pick.items()}}))

@@ -28,6 +28,32 @@ def test_matches_f_linear(rows, bias, onednn, monkeypatch):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", sorted(linear_module.SINGLE_ROW))
+def test_every_single_row_kernel_matches_f_linear(kernel):
+    if kernel == "onednn" and not linear_module.onednn_available():
+        pytest.skip("oneDNN not in this torch build")
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(1, 48, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_module.SINGLE_ROW[kernel](x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_single_row_kernel_is_timed_once_per_weight_shape(monkeypatch):
+    picks: dict = {}
+    monkeypatch.setattr(linear_module, "_single_row_pick", picks)
+    timed = []
+    pick = linear_module.pick_single_row
+    monkeypatch.setattr(linear_module, "pick_single_row", lambda *a: timed.append(a[1].shape) or pick(*a))
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 40, generator=g), torch.randn(24, 40, generator=g)
+    weights = (w, w.clone(), torch.randn(8, 40, generator=g))
+    with torch.inference_mode():
+        for weight in weights:
+            torch.testing.assert_close(linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert timed == [(24, 40), (8, 40)]                                   # the second 24x40 weight reuses the pick
+    assert set(picks) == {(24, 40), (8, 40)} and set(picks.values()) <= set(linear_module.SINGLE_ROW)
+
+
 @pytest.mark.parametrize("rows", [1, 4, PACKED_MAX_ROWS + 1])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_fp32_activations_times_bf16_weights(rows, onednn, monkeypatch):
