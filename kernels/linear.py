@@ -36,7 +36,6 @@ def onednn_available() -> bool:
 _ONEDNN = onednn_available()
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()   # bf16 kernels (native or emulated)
 _packed: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}  # id -> (weight, data_ptr, _version, packed)
-_primed: set[tuple] = set()   # (weight shape, dtype, has bias) with oneDNN primitives built for every row count
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +66,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows == 1:
         y = single_row(flat, weight, bias)
     elif _ONEDNN:
-        y = onednn_product(flat, weight, bias)                                   # [m, out]
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")  # [m, out]
     else:
         y = F.linear(flat, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -80,7 +79,7 @@ def mixed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     rows = x.shape[:-1].numel()
     flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)                        # [m, in]
     if _ONEDNN_BF16 and 0 < rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
-        y = onednn_product(flat, weight, None)                                   # [m, out]
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), None, "none", [], "")  # [m, out]
     else:
         y = F.linear(flat, weight)
     y = y.float()
@@ -100,25 +99,12 @@ def two_column(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y + bias if bias is not None else y
 
 
-def onednn_product(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``flat [m, in]`` times the prepacked ``weight`` (+ ``bias``) through oneDNN -> ``[m, out]``.
-
-    oneDNN builds a primitive for each row count on its first use, ~0.6 ms per weight shape on 2 cores:
-    serving met new row counts (tree sizes) for many steps, and budget feedback, comparing those first tree
-    steps with plain ones, switched speculation off while they lasted. So the first product of a weight
-    shape builds its primitives for every row count up to ``PACKED_MAX_ROWS`` at once (the LM head's take
-    ~0.3 s; during start-up calibration when serving)."""
-    packed = packed_weight(weight)
-    key = (tuple(weight.shape), weight.dtype, bias is not None)
-    if key not in _primed:
-        _primed.add(key)
-        for rows in range(1, PACKED_MAX_ROWS + 1):
-            torch.ops.mkldnn._linear_pointwise(flat.new_zeros(rows, flat.shape[1]), packed, bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+def onednn_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")
 
 
 SINGLE_ROW: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
-    "gemv": F.linear, "two_column": two_column, "onednn": onednn_product}
+    "gemv": F.linear, "two_column": two_column, "onednn": onednn_row}
 _single_row_pick: dict[tuple[int, int], str] = {}     # weight shape -> the fastest SINGLE_ROW kernel, timed once
 
 

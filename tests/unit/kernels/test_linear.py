@@ -95,18 +95,3 @@ def test_module_keeps_linear_state_dict_and_grads():
     assert set(m.state_dict()) == {"weight", "bias"}
     m(torch.randn(2, 8)).sum().backward()
     assert m.weight.grad is not None
-
-
-@pytest.mark.skipif(not linear_module.onednn_available(), reason="oneDNN not in this torch build")
-def test_first_onednn_product_of_a_shape_builds_every_row_count(monkeypatch):
-    primed: set = set()
-    monkeypatch.setattr(linear_module, "_primed", primed)
-    monkeypatch.setattr(linear_module, "PACKED_MAX_ROWS", 6)
-    g = torch.Generator().manual_seed(5)
-    w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
-    with torch.inference_mode():
-        for rows in (3, 5, 2):
-            x = torch.randn(rows, 40, generator=g)
-            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-    assert primed == {((24, 40), torch.float32, True), ((24, 40), torch.float32, False)}
