@@ -12,13 +12,15 @@ rows 0.14 / 0.53 / 0.54 ms (F.linear) -> 0.08 / 0.18 / 0.28 ms; the 49152x576 LM
 streams it fastest depends on the CPU: MKL's two-column product won on the AMD EPYC hosts, MKL's gemv
 (``F.linear``) on an Intel Xeon (Sapphire Rapids class), where the two-column product took 3x as long
 for the LM head (``bench/linear_ab/single_row.py``). So ``single_row`` times the candidates once per
-weight shape, on first use, and keeps the fastest. The packed copy is made on first use, remade when the
+weight shape, on first use, and keeps the fastest; ``TREESPEC_SINGLE_ROW=gemv|two_column|onednn`` names
+one kernel for every shape instead (rounding then does not depend on a timing: the tests set it). The packed copy is made on first use, remade when the
 weight changes (``_version``, storage) and dropped with the weight; training (grad enabled),
 CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 rounding.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -106,6 +108,7 @@ def onednn_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 SINGLE_ROW: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
     "gemv": F.linear, "two_column": two_column, "onednn": onednn_row}
 _single_row_pick: dict[tuple[int, int], str] = {}     # weight shape -> the fastest SINGLE_ROW kernel, timed once
+SINGLE_ROW_ENV = "TREESPEC_SINGLE_ROW"                  # auto (default), or one SINGLE_ROW kernel for every shape
 
 
 def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -117,7 +120,15 @@ def single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def pick_single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3,
                     calls: int = 3) -> str:
     """Time each ``SINGLE_ROW`` kernel (oneDNN where available) on this product, round-robin, and remember the one
-    with the fastest mean of ``calls`` calls for ``weight``'s shape. All agree to fp32 rounding."""
+    with the fastest mean of ``calls`` calls for ``weight``'s shape (or the one ``TREESPEC_SINGLE_ROW`` names).
+    All agree to fp32 rounding."""
+    forced = os.environ.get(SINGLE_ROW_ENV, "auto")
+    if forced != "auto":
+        if forced not in SINGLE_ROW or (forced == "onednn" and not _ONEDNN):
+            raise ValueError(f"{SINGLE_ROW_ENV}={forced}: choose auto or one of {sorted(SINGLE_ROW)} (onednn needs "
+                             f"a torch build with oneDNN)")
+        _single_row_pick[tuple(weight.shape)] = forced
+        return forced
     names = [n for n in SINGLE_ROW if n != "onednn" or _ONEDNN]
     best = dict.fromkeys(names, float("inf"))
     for _ in range(rounds):

@@ -39,6 +39,7 @@ def test_every_single_row_kernel_matches_f_linear(kernel):
 
 
 def test_single_row_kernel_is_timed_once_per_weight_shape(monkeypatch):
+    monkeypatch.setenv(linear_module.SINGLE_ROW_ENV, "auto")
     picks: dict = {}
     monkeypatch.setattr(linear_module, "_single_row_pick", picks)
     timed = []
@@ -95,3 +96,15 @@ def test_module_keeps_linear_state_dict_and_grads():
     assert set(m.state_dict()) == {"weight", "bias"}
     m(torch.randn(2, 8)).sum().backward()
     assert m.weight.grad is not None
+
+
+def test_a_named_single_row_kernel_serves_every_shape(monkeypatch):
+    monkeypatch.setattr(linear_module, "_single_row_pick", {})
+    x, w = torch.randn(1, 40), torch.randn(24, 40)
+    with torch.inference_mode():
+        monkeypatch.setenv(linear_module.SINGLE_ROW_ENV, "two_column")
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        assert linear_module._single_row_pick == {(24, 40): "two_column"}
+        monkeypatch.setenv(linear_module.SINGLE_ROW_ENV, "fastest")
+        with pytest.raises(ValueError, match="TREESPEC_SINGLE_ROW=fastest"):
+            linear(x, torch.randn(8, 40))
