@@ -20,6 +20,7 @@ CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -27,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 PACKED_MAX_ROWS = 64      # larger inputs (prefill) keep MKL, which is at its best there
 
@@ -139,8 +142,10 @@ def pick_single_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             for _ in range(calls):
                 kernel(flat, weight, bias)
             best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    _single_row_pick[tuple(weight.shape)] = min(best, key=best.get)
-    return _single_row_pick[tuple(weight.shape)]
+    pick = _single_row_pick[tuple(weight.shape)] = min(best, key=best.get)
+    log.info("single-row kernel for %dx%d weights: %s (%s)", *weight.shape, pick,
+             ", ".join(f"{n} {best[n] * 1e3:.3f} ms" for n in names))
+    return pick
 
 
 class Linear(torch.nn.Linear):
