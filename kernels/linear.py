@@ -13,9 +13,9 @@ streams it fastest depends on the CPU: MKL's two-column product won on the AMD E
 (``F.linear``) on an Intel Xeon (Sapphire Rapids class), where the two-column product took 3x as long
 for the LM head (``bench/linear_ab/single_row.py``). So ``single_row`` times the candidates once per
 weight shape, on first use, and keeps the fastest; ``TREESPEC_SINGLE_ROW=gemv|two_column|onednn`` names
-one kernel for every shape instead (rounding then does not depend on a timing: the tests set it). The packed copy is made on first use, remade when the
-weight changes (``_version``, storage) and dropped with the weight; training (grad enabled),
-CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 rounding.
+one kernel for every shape instead (rounding then does not depend on a timing: the tests set it). The
+packed copy is made on first use, remade when the weight changes (``_version``, storage) and dropped
+with the weight; training (grad enabled), CUDA and other dtypes use ``F.linear``. Results agree with ``F.linear`` to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows == 1:
         y = single_row(flat, weight, bias)
     elif _ONEDNN:
-        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")  # [m, out]
+        y = onednn(flat, weight, bias)                                           # [m, out]
     else:
         y = F.linear(flat, weight, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -84,7 +84,7 @@ def mixed_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     rows = x.shape[:-1].numel()
     flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)                        # [m, in]
     if _ONEDNN_BF16 and 0 < rows <= PACKED_MAX_ROWS and not torch.is_grad_enabled():
-        y = torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), None, "none", [], "")  # [m, out]
+        y = onednn(flat, weight, None)                                           # [m, out]
     else:
         y = F.linear(flat, weight)
     y = y.float()
@@ -104,12 +104,13 @@ def two_column(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y + bias if bias is not None else y
 
 
-def onednn_row(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``flat [m, in]`` times the prepacked ``weight`` (+ ``bias``) through oneDNN -> ``[m, out]`` (any row count)."""
     return torch.ops.mkldnn._linear_pointwise(flat, packed_weight(weight), bias, "none", [], "")
 
 
 SINGLE_ROW: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
-    "gemv": F.linear, "two_column": two_column, "onednn": onednn_row}
+    "gemv": F.linear, "two_column": two_column, "onednn": onednn}
 _single_row_pick: dict[tuple[int, int], str] = {}     # weight shape -> the fastest SINGLE_ROW kernel, timed once
 SINGLE_ROW_ENV = "TREESPEC_SINGLE_ROW"                  # auto (default), or one SINGLE_ROW kernel for every shape
 

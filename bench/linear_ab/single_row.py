@@ -14,8 +14,7 @@ from server.worker.calibrate import measure_verify_cost
 
 eng, _ = build_engine(ServerConfig(drafter="none"))
 auto = L.single_row
-modes = {"auto": auto} | {name: (lambda flat, w, b, k=kernel: k(flat, w, b)) for name, kernel in L.SINGLE_ROW.items()
-                          if name != "onednn" or L._ONEDNN}
+modes = {"auto": auto} | {name: kernel for name, kernel in L.SINGLE_ROW.items() if name != "onednn" or L._ONEDNN}
 res = {mode: [] for mode in modes}
 for rnd in range(4):
     for mode, kernel in modes.items():
