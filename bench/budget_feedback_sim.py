@@ -6,6 +6,9 @@ jitter); a plain step commits one token per request, a tree step 1-5 per request
 lengths of served MT-bench steps (``ACCEPTED``/``WEIGHTS``; noise-free: ``tau[n]`` each). ``sweep`` runs a
 grid of true tree speeds (tree rate over plain rate) from both priors (calibration chose plain decoding,
 or a tree) and reports the throughput the policy delivered relative to plain decoding and to the better arm.
+``requests`` serves a stream of requests one at a time (batch 1) where a share are hard (their tree steps
+accept ``HARD``, slower than plain decoding) and compares the policy told each step's request with one
+not told (evidence carried from request to request), always-tree, always-plain and a per-request oracle.
 
     python -m bench.budget_feedback_sim --out bench/results/issue8/budget_feedback_sim.json
 """
@@ -26,6 +29,7 @@ from server.engine.budget_feedback import ServedBudgets
 ACCEPTED, WEIGHTS = (1, 2, 3, 4, 5), (0.36, 0.32, 0.17, 0.08, 0.07)   # tokens per request per tree step
 MEAN_ACCEPTED = sum(a * w for a, w in zip(ACCEPTED, WEIGHTS))           # 2.18
 TREE = 4                                                               # the tree arm's budget
+HARD = (0.87, 0.11, 0.02, 0.0, 0.0)                                    # a hard request's histogram: 1.15
 
 
 def serve(policy: ServedBudgets, steps: int, cost: dict[int, float], tau: dict[int, float],
@@ -63,6 +67,43 @@ def delivered(speed: float, prior: int, steps: int, seeds: int, batch: int = 8) 
             "vs_plain": round(rate, 4), "vs_best": round(rate / max(1.0, speed), 4)}
 
 
+def serve_requests(policy: ServedBudgets, hard: list[bool], cost: dict[int, float], rng: random.Random,
+                   tell: bool = True, max_tokens: int = 128) -> tuple[int, float]:
+    """Requests served one after another at batch 1, each until ``max_tokens``; request ``i``'s tree steps
+    accept from ``HARD`` if ``hard[i]`` else from ``WEIGHTS``. With ``tell`` each step reports its request.
+    Returns (tokens, seconds) over all requests."""
+    tokens, seconds = 0, 0.0
+    for i, is_hard in enumerate(hard):
+        done = 0
+        while done < max_tokens:
+            n = policy.serve(1)
+            k = rng.choices(ACCEPTED, HARD if is_hard else WEIGHTS)[0] if n else 1
+            t = cost[n] * math.exp(rng.gauss(0, 0.05))
+            policy.observe(1, n, k, t, frozenset({str(i)}) if tell else frozenset())
+            done, tokens, seconds = done + k, tokens + k, seconds + t
+    return tokens, seconds
+
+
+def request_stream(seeds: int, requests: int, hard_share: float, tree_cost: float) -> dict:
+    """Throughput relative to always-plain of each way to serve ``requests`` requests at batch 1 (a
+    ``hard_share`` of them hard), a tree step costing ``tree_cost`` plain steps; mean over ``seeds``."""
+    cost = {0: 0.030, TREE: 0.030 * tree_cost}
+    mean_hard = sum(a * w for a, w in zip(ACCEPTED, HARD))
+    rows: dict[str, float] = {}
+    for seed in range(seeds):
+        hard = [random.Random(seed).random() < hard_share for _ in range(requests)]
+        hard = [random.Random(f"{seed}-{i}").random() < hard_share for i in range(requests)]
+        for name, prior, probe, tell in (("told_requests", TREE, 0, True), ("not_told", TREE, 0, False),
+                                         ("always_tree", TREE, None, False)):
+            tok, sec = serve_requests(ServedBudgets(BudgetPolicy.fixed(prior), (probe,)), hard, cost,
+                                      random.Random(seed), tell)
+            rows[name] = rows.get(name, 0.0) + tok / sec * 0.030 / seeds
+        oracle = sum(1 / max(1.0, (mean_hard if h else MEAN_ACCEPTED) / tree_cost) for h in hard)
+        rows["oracle"] = rows.get("oracle", 0.0) + len(hard) / oracle / seeds
+    return {"hard_share": hard_share, "tree_cost": tree_cost, "hard_tree_speed": round(mean_hard / tree_cost, 3),
+            "easy_tree_speed": round(MEAN_ACCEPTED / tree_cost, 3), **{k: round(v, 4) for k, v in rows.items()}}
+
+
 def sweep(speeds: list[float], steps: int, seeds: int) -> list[dict]:
     return [delivered(s, prior, steps, seeds) for prior in (0, TREE) for s in speeds]
 
@@ -98,18 +139,27 @@ def main() -> None:
     p.add_argument("--speeds", type=float, nargs="+", default=[0.8, 0.85, 0.92, 0.97, 1.0, 1.03, 1.08, 1.15, 1.3])
     p.add_argument("--steps", type=int, default=1500, help="steps per run at batch 8")
     p.add_argument("--seeds", type=int, default=40, help="runs per grid point")
+    p.add_argument("--requests", type=int, default=40, help="requests per request-stream run (batch 1)")
+    p.add_argument("--hard-shares", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5])
+    p.add_argument("--tree-cost", type=float, default=1.4, help="a tree step's cost in plain steps (streams)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rows = sweep(args.speeds, args.steps, args.seeds)
+    streams = [request_stream(args.seeds, args.requests, h, args.tree_cost) for h in args.hard_shares]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": f"python -m bench.budget_feedback_sim --steps {args.steps} --seeds {args.seeds} --out {out}",
+    report = {"command": f"python -m bench.budget_feedback_sim --steps {args.steps} --seeds {args.seeds} "
+                         f"--requests {args.requests} --hard-shares {' '.join(map(str, args.hard_shares))} "
+                         f"--tree-cost {args.tree_cost} --out {out}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "note": "simulated steps (no model): batch 8, plain step 30 ms, tree steps commit 1-5 tokens per "
-                      "request (served MT-bench histogram), 5% jitter; ServedBudgets defaults", "rows": rows}
+                      "request (served MT-bench histogram), 5% jitter; ServedBudgets defaults", "rows": rows,
+              "request_streams_note": "batch 1, requests of 128 tokens one after another, tree steps of "
+                                      "hard requests accept 1.15 tokens; throughput relative to always-plain",
+              "request_streams": streams}
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))
-    for r in rows:
+    for r in rows + streams:
         print(r)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -45,7 +45,8 @@ class BudgetPolicy:
         """This step's budget (a fixed policy serves its table; ``ServedBudgets`` also probes)."""
         return self.budget(num_decoding)
 
-    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float) -> None:
+    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float,
+                requests: frozenset[str] = frozenset()) -> None:
         """A served step's result; a fixed policy does not learn from it."""
 
     def table(self) -> dict[int, int]:

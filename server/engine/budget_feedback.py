@@ -25,8 +25,17 @@ holds and the probe's mean does not clear its edge (0, or ``log(1 + margin)`` fo
 interval doubles up to ``max_interval`` (quadruples up to ``4 * max_interval`` while the probe is
 clearly worse: its mean plus ``z_tree`` standard errors below ``log(1 - clearly_worse)``), so a settled
 choice costs about ``1 / max_interval`` of the gap between the arms or less (twice that for a tree
-probing against plain decoding). ``bench/budget_feedback_sim.py`` measures all this on simulated noisy
-steps.
+probing against plain decoding).
+
+Evidence belongs to the requests it was measured on. At batch 1 a step's acceptance is one request's,
+and requests differ: MT-bench's first writing question accepts 1-2 tokens a step at budget 8 and plain
+decoding rightly takes over, but the next question accepts 3 and would be served plain until rare probes
+proved otherwise (~55 s of one run, bench/results/README.md "session p"). So when a clean step shares no
+request with the previous clean step at its batch size while the leader is not calibration's choice,
+the arms restart from calibration's choice with no ratios and probes ``min_interval`` apart. At larger
+batches consecutive steps share requests, so this only happens when a whole batch was replaced; a
+calibrated leader is never restarted, so the common case pays nothing. ``bench/budget_feedback_sim.py``
+measures all this on simulated noisy steps.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ class _Arms:
     leader: int
     probe: int
     interval: int
+    calibrated: int = 0           # calibration's choice, the leader a restart goes back to
+    requests: frozenset[str] = frozenset()   # the previous clean step's requests
     leader_tokens: int = 0        # committed by clean leader steps since the last probe
     leader_seconds: float = 0.0
     leader_steps: int = 0
@@ -76,7 +87,7 @@ class ServedBudgets:
         self.min_interval, self.max_interval, self.min_pairs = min_interval, max_interval, min_pairs
         self.margin, self.z_plain, self.z_tree, self.clearly_worse = margin, z_plain, z_tree, clearly_worse
         self.arms: list[_Arms | None] = [
-            _Arms(n, p, min_interval, ratios=deque(maxlen=window)) if p is not None and p != n else None
+            _Arms(n, p, min_interval, n, ratios=deque(maxlen=window)) if p is not None and p != n else None
             for n, p in zip(prior.budgets, probes)]
 
     def budget(self, num_decoding: int) -> int:
@@ -91,13 +102,17 @@ class ServedBudgets:
             return self.prior.budget(num_decoding)
         return arms.probe if arms.probe_due else arms.leader
 
-    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float) -> None:
-        """A clean step's result: ``num_decoding`` requests at ``budget`` committed ``tokens`` in
-        ``seconds`` (the whole engine step)."""
+    def observe(self, num_decoding: int, budget: int, tokens: int, seconds: float,
+                requests: frozenset[str] = frozenset()) -> None:
+        """A clean step's result: ``num_decoding`` requests (ids ``requests``; empty: unknown) at
+        ``budget`` committed ``tokens`` in ``seconds`` (the whole engine step)."""
         i = self.prior.index(num_decoding)
         arms = self.arms[i]
         if arms is None or seconds <= 0 or tokens <= 0:
             return
+        if requests and arms.requests and not requests & arms.requests and arms.leader != arms.calibrated:
+            self._restart(i + 1, arms)
+        arms.requests = requests
         if budget == arms.leader and not arms.probe_due:
             arms.leader_tokens += tokens
             arms.leader_seconds += seconds
@@ -110,6 +125,15 @@ class ServedBudgets:
             arms.ratios.append(math.log((tokens / seconds) / (arms.leader_tokens / arms.leader_seconds)))
             arms.leader_tokens, arms.leader_seconds, arms.leader_steps = 0, 0.0, 0
             self._decide(i + 1, arms)
+
+    def _restart(self, b: int, arms: _Arms) -> None:
+        """New requests only: back to calibration's choice, with no evidence and frequent probes."""
+        log.info("batch %d: new requests; back to the calibrated budget %d (was serving %d)", b,
+                 arms.calibrated, arms.leader)
+        arms.leader, arms.probe = arms.calibrated, arms.leader
+        arms.ratios.clear()
+        arms.interval = self.min_interval
+        arms.leader_tokens, arms.leader_seconds, arms.leader_steps, arms.warmed = 0, 0.0, 0, False
 
     def _decide(self, b: int, arms: _Arms) -> None:
         n = len(arms.ratios)

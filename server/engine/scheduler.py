@@ -105,7 +105,8 @@ class Scheduler:
         clean = (out.budget is not None and not out.preempted and len(out.scheduled) == out.num_decoding
                  and not any(s.is_prefill or not follows_step_budget(s.request) for s in out.scheduled))
         if clean:
-            self.policy.observe(out.num_decoding, out.budget, tokens, seconds)
+            self.policy.observe(out.num_decoding, out.budget, tokens, seconds,
+                                frozenset(s.request.request_id for s in out.scheduled))
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.budget_feedback_sim import MEAN_ACCEPTED, delivered, serve
+from bench.budget_feedback_sim import MEAN_ACCEPTED, delivered, request_stream, serve, serve_requests
 from server.cache.block_pool import BlockPool
 from server.cache.kv_manager import KVManager
 from server.engine.budget import BudgetPolicy, probe_budgets
@@ -121,6 +121,78 @@ def test_swaps_are_logged(caplog):
     assert any("batch 8: budget 0 committed" in r.message and "serving 0" in r.message for r in caplog.records)
 
 
+def steps(policy: ServedBudgets, n: int, request: str, tree_tokens: int, batch: int = 1) -> list[int]:
+    """``n`` clean steps of ``request`` alone: plain 30 ms per token, the tree 42 ms for ``tree_tokens``."""
+    served = []
+    for _ in range(n):
+        b = policy.serve(batch)
+        served.append(b)
+        policy.observe(batch, b, tree_tokens if b else 1, 0.042 if b else 0.030, frozenset({request}))
+    return served
+
+
+def test_a_new_request_restarts_from_calibrations_choice():
+    """At batch 1 a hard request (the tree 0.79x plain) hands the lead to plain decoding; the next request
+    starts at the calibrated tree again, with no ratios, and probes soon."""
+    policy = ServedBudgets(BudgetPolicy.fixed(4, 2), (0, 0))
+    steps(policy, 40, "hard", 1)
+    assert policy.budget(1) == 0
+    served = steps(policy, 1, "easy", 3) + steps(policy, 200, "easy", 3)
+    assert served[0] == 0 and served[1:5] == [4] * 4                # the first step ran under the old leader
+    assert policy.budget(1) == 4 and served[-100:].count(0) <= 100 // 64 + 1
+
+
+def test_evidence_carries_while_requests_continue_or_the_leader_is_calibrated():
+    plain = ServedBudgets(BudgetPolicy.fixed(4), (0,))
+    steps(plain, 40, "hard", 1)
+    arms = plain.arms[0]
+    interval, ratios = arms.interval, list(arms.ratios)
+    steps(plain, 1, "hard", 1)
+    assert plain.budget(1) == 0 and arms.interval == interval and list(arms.ratios)[:len(ratios)] == ratios
+    plain.observe(1, 0, 1, 0.03)                                     # requests unknown: no restart either
+    assert plain.budget(1) == 0
+    tree = ServedBudgets(BudgetPolicy.fixed(4), (0,))
+    steps(tree, 200, "easy", 3)
+    arms = tree.arms[0]
+    interval, ratios = arms.interval, list(arms.ratios)
+    steps(tree, 1, "other", 3)                                       # a new request, calibrated leader
+    assert arms.interval == interval > tree.min_interval and list(arms.ratios) == ratios
+
+
+def test_a_batch_restarts_only_when_every_request_is_new():
+    policy = at_batch(4, 0)
+    for _ in range(40):
+        b = policy.serve(2)
+        policy.observe(2, b, 2, 0.042 if b else 0.030, frozenset({"a", "b"}))
+    assert policy.budget(2) == 0
+    policy.observe(2, 0, 2, 0.030, frozenset({"b", "c"}))           # one request carried over
+    assert policy.budget(2) == 0
+    policy.observe(2, 0, 2, 0.030, frozenset({"d", "e"}))           # a whole new batch
+    assert policy.budget(2) == 4 and not policy.arms[1].ratios
+
+
+def test_restarts_are_logged(caplog):
+    policy = ServedBudgets(BudgetPolicy.fixed(4), (0,))
+    steps(policy, 40, "hard", 1)
+    with caplog.at_level(logging.INFO, logger="server.engine.budget_feedback"):
+        steps(policy, 1, "easy", 3)
+    assert any("batch 1: new requests; back to the calibrated budget 4" in r.message for r in caplog.records)
+
+
+def test_simulated_request_stream_gains_from_restarts():
+    """bench/results/issue8/budget_feedback_sim.json's request streams, smaller: with half the requests hard,
+    telling the policy each step's request beats carrying evidence across requests."""
+    row = request_stream(3, 20, 0.5, 1.4)
+    assert row["told_requests"] > row["not_told"]
+    assert row["told_requests"] >= 0.98 * row["always_tree"]
+
+
+def test_served_requests_commit_every_token():
+    policy = ServedBudgets(BudgetPolicy.fixed(4), (0,))
+    tokens, seconds = serve_requests(policy, [False, True, False], {0: 0.03, 4: 0.042}, random.Random(0))
+    assert tokens >= 3 * 128 and seconds > 0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         ServedBudgets(BudgetPolicy.fixed(4, 2), (0,))
@@ -157,6 +229,7 @@ def test_scheduler_serves_probes_and_reports_only_clean_steps():
     assert budgets == [4, 4, 4, 4, 0]                           # the fifth step probes plain decoding
     assert [x.num_lookahead for x in out.scheduled] == [0] * B
     assert policy.report()[B]["probe_over_leader"] == [0.5]
+    assert policy.arms[B - 1].requests == frozenset(r.request_id for r in reqs)
 
 
 @pytest.mark.parametrize("own", [{"draft_tokens": 2}, {"draft_depth": 2}, {"temperature": 0.8, "seed": 7}])
