@@ -42,30 +42,28 @@ def fitting_context(runner: ModelRunner, batch: int, max_new: int, context: int)
 
 
 @torch.inference_mode()
-def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: int, repeats: int,
-                 warmup: int) -> list[float]:
-    """Seconds of ``repeats`` forwards (metadata included, after ``warmup`` untimed ones) over ``len(tables)``
-    requests with ``1 + n`` new tokens each."""
+def _time_verify(runner: ModelRunner, tables: list[list[int]], context: int, n: int) -> float:
+    """Seconds of one forward (metadata included) over ``len(tables)`` requests with ``1 + n`` new tokens each."""
     model = runner.model
     mask = np.tri(n + 1, dtype=bool) if n else None               # cost does not depend on the tree's shape
     seqs = [SeqAttention(t, context, n + 1, mask) for t in tables]
     ids = torch.randint(0, model.config.vocab_size, (len(tables) * (n + 1),),
                         generator=torch.Generator().manual_seed(n)).tolist()   # [b * (1 + n)]
     positions = list(range(context, context + n + 1)) * len(tables)
-    times = []
-    for _ in range(warmup + repeats):
-        t = now(runner.device)
-        hidden = runner.forward(ids, positions, seqs)                # [b * (1 + n), hidden]
-        model.compute_logits(hidden)                                 # verify: every row; decode: the only one
-        times.append(now(runner.device) - t)
-    return times[warmup:]
+    t = now(runner.device)
+    hidden = runner.forward(ids, positions, seqs)                    # [b * (1 + n), hidden]
+    model.compute_logits(hidden)                                     # verify: every row; decode: the only one
+    return now(runner.device) - t
 
 
 def _verify_times(runner: ModelRunner, sizes: list[int], context: int, repeats: int, batch: int,
                   warmup: int = 1) -> dict[int, list[float]]:
     """Timed forwards of ``batch`` requests with ``1 + n`` new tokens each over ``context`` committed tokens
-    each, per ``n`` in ``sizes`` (frees its KV blocks afterwards). The context's KV is left as the pool
-    holds it (zeros at start-up): attention costs the same whatever the values."""
+    each, per ``n`` in ``sizes``: ``warmup`` untimed rounds, then ``repeats`` timed ones, each round one
+    forward per size. Round-robin, so a slow spell of the host lands on every size alike rather than on one
+    size's repeats; the warm-up takes first-use costs (a new row count builds its kernels' primitives) out
+    of the timed forwards. Frees its KV blocks afterwards. The context's KV is left as the pool holds it
+    (zeros at start-up): attention costs the same whatever the values."""
     kv = runner.kv
     need = context + 1 + max(sizes)
     ids = calibration_ids(batch)
@@ -73,7 +71,11 @@ def _verify_times(runner: ModelRunner, sizes: list[int], context: int, repeats: 
         raise RuntimeError(f"KV pool too small to calibrate ({batch} x {need} slots)")
     try:
         tables = [kv.allocate(rid, need) for rid in ids]
-        return {n: _time_verify(runner, tables, context, n, repeats, warmup) for n in sizes}
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        for _ in range(warmup + repeats):
+            for n in sizes:
+                times[n].append(_time_verify(runner, tables, context, n))
+        return {n: t[warmup:] for n, t in times.items()}
     finally:
         for rid in ids:
             kv.free(rid)
@@ -88,8 +90,8 @@ def measure_verify_cost(runner: ModelRunner, sizes: list[int], context: int = 25
 
 def measure_verify_table(runner: ModelRunner, batches: list[int], sizes: list[int], context: int = 256,
                          repeats: int = 2) -> tuple[CostTable, dict[int, int]]:
-    """Verify seconds per (batch size, tree size), the fastest of ``repeats`` (noise from a busy host and a
-    first run's set-up only add time, so no separate warm-up), and the context each batch size was
+    """Verify seconds per (batch size, tree size), the fastest of ``repeats`` after one warm-up round (noise from
+    a busy host and first-use set-up only add time), and the context each batch size was
     measured at: shortened where the KV pool cannot hold ``batch`` full contexts; batch sizes that
     cannot get ``MIN_CONTEXT`` tokens each are skipped (both logged)."""
     table, contexts = {}, {}
@@ -102,7 +104,7 @@ def measure_verify_table(runner: ModelRunner, batches: list[int], sizes: list[in
         if ctx < context:
             log.info("calibration: batch %d measured over %d context tokens per request (KV pool holds %d "
                      "slots)", b, ctx, runner.kv.capacity_tokens)
-        table[b] = {n: min(t) for n, t in _verify_times(runner, sizes, ctx, repeats, b, warmup=0).items()}
+        table[b] = {n: min(t) for n, t in _verify_times(runner, sizes, ctx, repeats, b).items()}
         contexts[b] = ctx
     if not table:
         raise RuntimeError("KV pool too small to calibrate")

@@ -24,6 +24,27 @@ def test_verify_table_shortens_or_skips_what_the_pool_cannot_hold():
     assert engine.scheduler.kv.pool.usage == 0.0
 
 
+def test_verify_table_times_round_robin_after_a_warm_up_round(monkeypatch):
+    """Each batch size: one untimed round over every tree size (first-use costs such as building a new row
+    count's primitives stay out of the table), then the timed rounds, each one forward per size."""
+    import time
+
+    engine = tiny_engine(num_blocks=128)
+    runner, seen, forward = engine.runner, [], engine.runner.forward
+
+    def first_use_is_slow(ids, positions, seqs):
+        if len(ids) not in seen:
+            time.sleep(0.2)
+        seen.append(len(ids))
+        return forward(ids, positions, seqs)
+
+    monkeypatch.setattr(runner, "forward", first_use_is_slow)
+    table, _ = measure_verify_table(runner, [1, 2], [0, 4], context=16, repeats=1)
+    assert seen == [1, 5, 1, 5, 2, 10, 2, 10]                          # rows per forward: b * (1 + n)
+    assert all(t < 0.2 for row in table.values() for t in row.values())
+    assert engine.scheduler.kv.pool.usage == 0.0
+
+
 def tiny_eagle(tiny_pair):
     """An untrained EAGLE tree drafter on the tiny target (8 nodes, depth 3, top-k 3)."""
     from helpers import tiny_hf_config
