@@ -121,8 +121,9 @@ class Run:
     """One configuration: a drafter drafting for ``batch`` sequences, step by step."""
 
     def __init__(self, method: str, budget: int, drafter, seqs: list[tuple[list[int], torch.Tensor]],
-                 starts: list[int], weights: str = "float32", checkpoint: str = ""):
+                 starts: list[int], weights: str = "float32", checkpoint: str = "", threads: int | None = None):
         self.method, self.budget, self.drafter, self.seqs, self.starts = method, budget, drafter, seqs, starts
+        self.threads = threads                              # torch threads while drafting (None: the target's)
         self.weights = weights                              # dtype of the drafter's weight matrices
         self.checkpoint = checkpoint                        # the drafter's checkpoint folder
         self.steps: list[dict] = []
@@ -144,8 +145,11 @@ class Run:
         plain = target.plain_step(self.seqs[0][0], self.pos[0] - 1)
         asks = self.asks()
         recorder.calls = []
+        target_threads = torch.get_num_threads()
         t = time.perf_counter()
+        torch.set_num_threads(self.threads or target_threads)
         trees = self.drafter.propose(asks)
+        torch.set_num_threads(target_threads)
         total = time.perf_counter() - t
         calls, recorder.calls = recorder.calls, None
         updates = []
@@ -182,7 +186,7 @@ class Run:
         tau = float(np.mean([len(u.fed_tokens) for s in self.steps for u in s["committed"]]))
         return {
             "method": self.method, "checkpoint": self.checkpoint, "weights": self.weights, "budget": self.budget,
-            "batch": len(self.seqs),
+            "batch": len(self.seqs), "draft_threads": self.threads or torch.get_num_threads(),
             "steps": len(self.steps),
             "draft_ms": total, "plain_step_ms": plain, "draft_over_plain": total / plain,
             "tau_greedy": tau, "mean_context": float(np.mean([s["context"] for s in self.steps])),
@@ -220,7 +224,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['method']} {r['weights']}\n{Path(r['checkpoint']).name}\nbudget {r['budget']}\nbatch {r['batch']}"
-              for r in results]
+              f"\nthreads {r['draft_threads']}" for r in results]
     fig, ax = plt.subplots(figsize=(1.4 * len(results) + 3, 5))
     bottom = np.zeros(len(results))
     for phase in PHASES:
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start", type=int, default=32, help="continuation tokens committed before drafting starts")
     p.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--draft-threads", nargs="+", type=int, default=[0],
+                   help="torch threads while drafting, compared round-robin (0: --num-threads; the timing includes "
+                        "switching the thread count)")
     p.add_argument("--eagle-path", nargs="+", default=None,
                    help="EAGLE (and hybrid) checkpoint folder(s), timed round-robin (default: the shipped one)")
     p.add_argument("--gumiho-path", nargs="+", default=None,
@@ -276,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     corpus = corpus_index(SimpleNamespace(hybrid=HybridConfig(), model="default")) if "hybrid" in args.methods else None
     starts = [len(x) + args.start for x in prompts]
     runs = [Run(method, budget, make_drafter(nets[method, w, folder], method, budget, args.top_k, args.pruning, corpus),
-                seqs[:batch], starts[:batch], w, folder)
+                seqs[:batch], starts[:batch], w, folder, threads or None)
             for method in args.methods for folder in paths[method] for budget in args.budgets
-            for batch in args.batches for w in args.weights]
+            for batch in args.batches for w in args.weights for threads in args.draft_threads]
     recorder = Recorder()
     for owner, method, phase in ((EagleTreeDrafter, "context_pass", "context"), (EagleTreeDrafter, "trees", "rerank"),
                                  (Expansion, "forward", "forward"), (Expansion, "head", "head"),
@@ -303,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(report, indent=2))
     plot(results, out.with_suffix(".png"))
     for r in results:
-        print(f"{r['method']:6s} {Path(r['checkpoint']).name} {r['weights']:8s} budget {r['budget']:2d} batch {r['batch']}: draft {r['draft_ms']:.2f} ms, plain step "
+        print(f"{r['method']:6s} {Path(r['checkpoint']).name} {r['weights']:8s} budget {r['budget']:2d} batch {r['batch']} "
+              f"threads {r['draft_threads']}: draft {r['draft_ms']:.2f} ms, plain step "
               f"{r['plain_step_ms']:.2f} ms ({100 * r['draft_over_plain']:.0f}%), depths {r['depths_reached']}, "
               f"phases " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
     print(f"wrote {out} and {out.with_suffix('.png')}")

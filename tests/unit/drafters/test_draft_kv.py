@@ -54,8 +54,11 @@ def ask(rid: str, tokens: list[int], upto: int, budget: int = 10) -> DraftReques
 
 
 def assert_same_tree(a, b) -> None:
+    """Same nodes; scores equal to fp32 rounding. A fresh drafter runs the history in one context pass (a
+    many-row product) and the grown one in steps of 1-3 rows (other kernels), and the random 2-layer Gumiho
+    net amplifies their rounding: 2.6e-4 apart on a Zen 4 host. A wrong KV row moves scores by far more."""
     assert a.tokens == b.tokens and a.parents == b.parents
-    assert a.scores == pytest.approx(b.scores, rel=1e-4, abs=1e-4)
+    assert a.scores == pytest.approx(b.scores, rel=1e-3, abs=1e-3)
 
 
 def test_drafts_after_growth_equal_a_fresh_drafter(make):
