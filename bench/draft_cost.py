@@ -147,9 +147,11 @@ class Run:
         recorder.calls = []
         target_threads = torch.get_num_threads()
         t = time.perf_counter()
-        torch.set_num_threads(self.threads or target_threads)
+        if self.threads:
+            torch.set_num_threads(self.threads)
         trees = self.drafter.propose(asks)
-        torch.set_num_threads(target_threads)
+        if self.threads:
+            torch.set_num_threads(target_threads)
         total = time.perf_counter() - t
         calls, recorder.calls = recorder.calls, None
         updates = []
