@@ -26,12 +26,11 @@ from tqdm import tqdm
 
 from bench.compare import shape_for
 from bench.harness import hf_model, machine_info
-from bench.lookup_replay import GREEDY, model_drafter, replay_sets
-from drafters.base import AcceptUpdate, DraftRequest
+from bench.lookup_replay import model_drafter, replay, replay_sets
 from drafters.eagle_model import EagleConfig
 from drafters.registry import shipped_drafter
 from drafters.train.features import target_features
-from drafters.tree import DraftTree, accepted_length
+from drafters.tree import DraftTree
 from server.config import ServerConfig, merge_options
 
 EDGES = np.linspace(0.0, 1.0, 11)                                 # probability bins
@@ -53,19 +52,13 @@ def judged_nodes(tree: DraftTree, answer: list[int]) -> list[tuple[int, float, b
 
 def collect(drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, budget: int) -> list:
     """Replay one record greedily (the EAGLE drafter alone) and judge every step's tree."""
-    def commit(first: int, last: int, reset: bool = False) -> None:
-        if last < len(ids):
-            drafter.on_accept([AcceptUpdate(rid, first, ids[first:last], features[first:last], ids[last], reset)])
+    rows: list[tuple[int, float, bool]] = []
 
-    commit(0, start, reset=True)
-    i, rows = start + 1, []
-    while i < len(ids):
-        tree = drafter.propose([DraftRequest(rid, ids[:i], GREEDY, budget, start)])[0]
-        rows += judged_nodes(tree, ids[i:])
-        n = accepted_length(tree, ids[i:])
-        commit(i - 1, i + n)
-        i += n + 1
-    drafter.release(rid)
+    def judge(tree: DraftTree, answer: list[int]) -> DraftTree:
+        rows.extend(judged_nodes(tree, answer))
+        return tree
+
+    replay(drafter, rid, ids, start, features, budget, judge)
     return rows
 
 

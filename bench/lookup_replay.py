@@ -30,6 +30,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,10 +65,12 @@ class NoModel(Drafter):
         return [DraftTree.empty() for _ in requests]
 
 
-def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, budget: int
-           ) -> tuple[int, int]:
+def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, budget: int,
+           verified: Callable[[DraftTree, list[int]], DraftTree] | None = None) -> tuple[int, int]:
     """(tokens committed after the prefill's, verify steps) of greedy speculative decoding of ``ids`` (prompt
-    of ``start`` tokens, then the answer; ``features [len(ids), F]`` the target's at every position)."""
+    of ``start`` tokens, then the answer; ``features [len(ids), F]`` the target's at every position).
+    ``verified(tree, answer)``, if given, sees each step's drafted tree and the answer from there on, and returns
+    the tree to verify (studies of trees and of trimming them)."""
     def commit(first: int, last: int, reset: bool = False) -> None:   # fed positions first..last-1, then ids[last]
         if last < len(ids):
             drafter.on_accept([AcceptUpdate(rid, first, ids[first:last], features[first:last], ids[last], reset)])
@@ -75,7 +78,8 @@ def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: tor
     commit(0, start, reset=True)                                  # prefill: the prompt, then answer[0]
     i, steps = start + 1, 0
     while i < len(ids):
-        n = accepted_length(drafter.propose([DraftRequest(rid, ids[:i], GREEDY, budget, start)])[0], ids[i:])
+        tree = drafter.propose([DraftRequest(rid, ids[:i], GREEDY, budget, start)])[0]
+        n = accepted_length(verified(tree, ids[i:]) if verified else tree, ids[i:])
         commit(i - 1, i + n)
         i, steps = i + n + 1, steps + 1
     drafter.release(rid)

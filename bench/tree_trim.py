@@ -28,12 +28,11 @@ from tqdm import tqdm
 
 from bench.compare import shape_for
 from bench.harness import hf_model, machine_info
-from bench.lookup_replay import GREEDY
-from drafters.base import AcceptUpdate, DraftRequest
+from bench.lookup_replay import replay
 from drafters.registry import DRAFTERS
 from drafters.train.distill import distill_shards
 from drafters.train.features import data_folders, shard_records, target_features
-from drafters.tree import DraftTree, accepted_length, rerank
+from drafters.tree import DraftTree, rerank
 from server.config import ServerConfig, merge_options
 from server.engine.budget import interp
 
@@ -56,23 +55,18 @@ def pairs(items: list[str]) -> dict[int, float]:
     return {int(k): float(v) / 1000 for k, v in (s.split(":") for s in items)}
 
 
-def replay(drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, cap: int, size) -> tuple[int, list]:
+def trimmed_replay(drafter, rid: str, ids: list[int], start: int, features: torch.Tensor, cap: int, size
+                   ) -> tuple[int, list[int]]:
     """Greedy replay of one record; ``size(tree)`` picks each step's verified node count. Returns (tokens
     committed after the prefill's, verified node count per step)."""
-    def commit(first: int, last: int, reset: bool = False) -> None:
-        if last < len(ids):
-            drafter.on_accept([AcceptUpdate(rid, first, ids[first:last], features[first:last], ids[last], reset)])
+    sizes: list[int] = []
 
-    commit(0, start, reset=True)
-    i, sizes = start + 1, []
-    while i < len(ids):
-        tree: DraftTree = drafter.propose([DraftRequest(rid, ids[:i], GREEDY, cap, start)])[0]
-        m = size(tree)
-        n = accepted_length(rerank(tree.tokens, tree.parents, tree.scores, m), ids[i:])
-        commit(i - 1, i + n)
-        i, sizes = i + n + 1, sizes + [m]
-    drafter.release(rid)
-    return len(ids) - start - 1, sizes
+    def trim(tree: DraftTree, answer: list[int]) -> DraftTree:
+        sizes.append(size(tree))
+        return rerank(tree.tokens, tree.parents, tree.scores, sizes[-1])
+
+    tokens, _ = replay(drafter, rid, ids, start, features, cap, trim)
+    return tokens, sizes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         hist: dict[int, int] = {}
         for (f, r) in tqdm(records, desc=name, unit="rec"):
             ids, feats = features[f, r["id"]]
-            n, ms = replay(drafter, r["id"], ids, r["prompt_len"], feats, cap, size)
+            n, ms = trimmed_replay(drafter, r["id"], ids, r["prompt_len"], feats, cap, size)
             tokens, steps = tokens + n, steps + len(ms)
             seconds += sum(d_s + interp(m, sizes, row) for m in ms)
             for m in ms:
