@@ -1,7 +1,7 @@
 """``treespec bench --compare eagle gumiho --budgets 16 32 64``: drafters at equal verify budgets, one run.
 
 Plain decoding runs once as the baseline; then every (drafter, budget) pair runs on the same
-questions in the same process, with start-up calibration off so the budget is exactly the
+questions in the same process (with ``--rounds R``, interleaved: R parts, plain and every variant on each), with start-up calibration off so the budget is exactly the
 one named. The variant ``default`` is the served configuration itself (the preset's drafter, ``auto``
 unless set, with start-up calibration and load-aware budgets, exactly what ``make serve`` runs);
 it runs once, not per budget. Tree shape per budget (both drafters): ``top_k = max(4, budget // 8)``; depth is the
@@ -51,39 +51,65 @@ def shape_for(budget: int) -> dict:
             "draft_pruning": max(1, budget // 2), "calibrate_tree": False}
 
 
-def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
-                budgets: list[int], warmup: int, served: ServerConfig | None = None) -> dict:
-    """``{"baseline": ..., "variants": {"eagle@16": {...}, "default": {...}, ...}}`` measured in this process;
-    ``plain`` is an engine without a drafter (the baseline), ``cfg`` the settings every variant starts from,
-    ``served`` the configuration the ``default`` variant runs (default: ``cfg``)."""
-    from server.build import build_engine
-
-    warm = prompts[:1] * warmup
-    run_engine(plain, warm, max_new_tokens, 1, "warm-up")
-    baseline, base_wall = run_engine(plain, prompts, max_new_tokens, concurrency, "plain decoding")
-    out = {"baseline": method_results(baseline, base_wall, None), "variants": {}}
-
-    def measure(key: str, run_cfg: ServerConfig, info: dict) -> None:
-        engine = build_engine(run_cfg)[0]
-        profile = StepProfile()
-        run_engine(engine, warm, max_new_tokens, 1, "warm-up")
-        rows, wall = run_engine(engine, prompts, max_new_tokens, concurrency, key, profile)
-        out["variants"][key] = {**info, **method_results(rows, wall, baseline),
-                                "step_time_breakdown_ms": profile.mean_ms()}
-        if engine.runner.drafter is not None and (report := engine.runner.drafter.bench_report()):
-            out["variants"][key]["drafter_report"] = report     # warm-up included (e.g. GSD's forward counts)
-
+def variant_configs(cfg: ServerConfig, drafters: list[str], budgets: list[int], served: ServerConfig | None
+                    ) -> dict[str, tuple[ServerConfig, dict]]:
+    """Key (``default``, ``eagle@16``, ...) -> (configuration, what the report says of it), in run order."""
+    out = {}
     if "default" in drafters:
         served = served or cfg
-        measure("default", served, {"drafter": "default", "budget": None,
-                                    "shape": {"drafter": served.drafter, "calibrate_tree": served.calibrate_tree}})
+        out["default"] = (served, {"drafter": "default", "budget": None,
+                                   "shape": {"drafter": served.drafter, "calibrate_tree": served.calibrate_tree}})
     for budget in budgets:
         for spec in (d for d in drafters if d != "default"):
             name, options = parse_variant(spec)
             update = merge_options({"drafter": name, **shape_for(budget)}, options)
-            run_cfg = ServerConfig(**merge_options(cfg.model_dump(), update))
-            measure(f"{spec}@{budget}", run_cfg, {"drafter": name, "variant": spec, "budget": budget,
-                                                  "shape": update})
+            out[f"{spec}@{budget}"] = (ServerConfig(**merge_options(cfg.model_dump(), update)),
+                                       {"drafter": name, "variant": spec, "budget": budget, "shape": update})
+    return out
+
+
+def run_compare(plain, cfg: ServerConfig, prompts, max_new_tokens: int, concurrency: int, drafters: list[str],
+                budgets: list[int], warmup: int, served: ServerConfig | None = None, rounds: int = 1) -> dict:
+    """``{"baseline": ..., "variants": {"eagle@16": {...}, "default": {...}, ...}}`` measured in this process;
+    ``plain`` is an engine without a drafter (the baseline), ``cfg`` the settings every variant starts from,
+    ``served`` the configuration the ``default`` variant runs (default: ``cfg``).
+
+    ``rounds > 1`` splits the questions into that many interleaved parts; each round runs plain decoding and
+    every variant on its part, the order rotating by one from round to round, so the host's drift over the run
+    falls on all of them alike (every engine stays built for the whole run). With one round each variant's
+    engine is built when its turn comes and dropped after it."""
+    from server.build import build_engine
+
+    warm = prompts[:1] * warmup
+    variants = variant_configs(cfg, drafters, budgets, served)
+    keys = ["plain", *variants]
+    engines = {"plain": plain}
+    profiles = {key: StepProfile() for key in variants}
+    rows: dict[str, list] = {key: [] for key in keys}
+    walls = dict.fromkeys(keys, 0.0)
+    reports = {}
+    run_engine(plain, warm, max_new_tokens, 1, "warm-up")
+    for r in range(rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if key not in engines:
+                engines[key] = build_engine(variants[key][0])[0]
+                run_engine(engines[key], warm, max_new_tokens, 1, "warm-up")
+            label = "plain decoding" if key == "plain" else key
+            got, wall = run_engine(engines[key], prompts[r::rounds], max_new_tokens, concurrency,
+                                   label if rounds == 1 else f"{label} ({r + 1}/{rounds})", profiles.get(key))
+            rows[key] += got
+            walls[key] += wall
+            if r == rounds - 1 and key != "plain":
+                drafter = (engines.pop(key) if rounds == 1 else engines[key]).runner.drafter
+                if drafter is not None and (report := drafter.bench_report()):
+                    reports[key] = report                # warm-up included (e.g. GSD's forward counts)
+    out = {"baseline": method_results(rows["plain"], walls["plain"], None), "variants": {}, "rounds": rounds}
+    for key, (_, info) in variants.items():
+        out["variants"][key] = {**info, **method_results(rows[key], walls[key], rows["plain"]),
+                                "step_time_breakdown_ms": profiles[key].mean_ms()}
+        if key in reports:
+            out["variants"][key]["drafter_report"] = reports[key]
     return out
 
 

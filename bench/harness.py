@@ -36,9 +36,10 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate peer row")
     g.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
     g.add_argument("--rounds", type=int, default=1,
-                   help="with --baseline: split the questions into this many interleaved parts and run the two "
-                        "methods on each in turn, alternating which goes first (A B, B A, ...), so that the "
-                        "host's drift over the run falls on both alike")
+                   help="with --baseline or --compare: split the questions into this many interleaved parts and "
+                        "run every method on each in turn, rotating which goes first (A B, B A, ... ; with "
+                        "--compare every engine stays built), so that the host's drift over the run falls on "
+                        "all alike")
     g.add_argument("--verify-cost", action="store_true",
                    help="also time target forwards against tree size (1..128 tokens, 256-token context)")
     g.add_argument("--compare", nargs="+", default=None, metavar="DRAFTER",
@@ -115,10 +116,11 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
                    "max_draft_tokens": cfg.max_draft_tokens, "draft_depth": cfg.draft_depth,
                    "draft_top_k": cfg.draft_top_k},
     }
-    if args.compare:
-        return write_compare(cfg, args, engine, prompts, report, served)
     if args.rounds < 1 or args.rounds > len(prompts):
         raise SystemExit(f"--rounds must be between 1 and the number of questions ({len(prompts)})")
+    report["config"]["rounds"] = args.rounds
+    if args.compare:
+        return write_compare(cfg, args, engine, prompts, report, served)
     profile = StepProfile()
     run_engine(engine, warm, args.max_new_tokens, 1, "warm-up")
     plain = None
@@ -126,7 +128,6 @@ def run_bench(cfg: ServerConfig, args: argparse.Namespace) -> dict:
         plain = engine if drafter == "none" else build_engine(cfg.model_copy(update={"drafter": "none"}))[0]
         run_engine(plain, warm, args.max_new_tokens, 1, "warm-up")
     (rows, wall), base = run_rounds(engine, drafter, plain, prompts, args, profile)
-    report["config"]["rounds"] = args.rounds
     report["step_time_breakdown_ms"] = profile.mean_ms()
     if isinstance(engine.scheduler.policy, ServedBudgets):   # what served steps made of calibration
         report["served_budgets"] = engine.scheduler.policy.report()
@@ -195,7 +196,7 @@ def write_compare(cfg: ServerConfig, args: argparse.Namespace, engine, prompts, 
                          "budgets >= 1")
     report["config"].update(drafter=None, compare=args.compare, budgets=args.budgets)
     report["compare"] = run_compare(engine, cfg, prompts, args.max_new_tokens, args.concurrency, args.compare,
-                                    args.budgets, args.warmup, served)
+                                    args.budgets, args.warmup, served, args.rounds)
     report["table"] = table(report["compare"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

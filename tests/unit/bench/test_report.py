@@ -116,3 +116,41 @@ def test_rounds_interleave_the_two_methods(monkeypatch):
     calls.clear()
     (rows, _), base = harness.run_rounds("spec", "eagle", None, prompts, args, None)
     assert base is None and [c[0] for c in calls] == ["spec"] * 3 and len(rows) == 7
+
+
+def test_compare_rounds_rotate_every_method_over_interleaved_parts(monkeypatch):
+    """--compare --rounds: every engine built once, every method sees every question once, the first method of a
+    round rotating by one; with one round each variant's engine is dropped after its turn."""
+    from types import SimpleNamespace
+
+    import server.build
+    from bench import compare
+    from server.config import ServerConfig
+
+    calls, built = [], []
+
+    def fake_build(cfg):
+        built.append(cfg.drafter)
+        return SimpleNamespace(name=cfg.drafter, runner=SimpleNamespace(drafter=None)), "model"
+
+    def fake_run_engine(engine, prompts, max_new_tokens, concurrency, desc, profile=None):
+        if desc != "warm-up":
+            calls.append((engine.name, [p[0] for p in prompts]))
+        return [row(p[0], "a", 4, 1.0 if engine.name == "none" else 0.5) for p in prompts], 1.0
+
+    monkeypatch.setattr(server.build, "build_engine", fake_build)
+    monkeypatch.setattr(compare, "run_engine", fake_run_engine)
+    plain = SimpleNamespace(name="none")
+    prompts = [(q, "a", [1, 2]) for q in range(7)]
+    out = compare.run_compare(plain, ServerConfig(drafter="none"), prompts, 4, 1, ["eagle", "lookup"], [8], 0,
+                              rounds=3)
+    assert [c[0] for c in calls] == ["none", "eagle", "lookup", "eagle", "lookup", "none", "lookup", "none", "eagle"]
+    assert built == ["eagle", "lookup"]
+    for name in ("none", "eagle", "lookup"):
+        assert sorted(q for engine, qs in calls if engine == name for q in qs) == list(range(7))
+    assert out["rounds"] == 3 and set(out["variants"]) == {"eagle@8", "lookup@8"}
+    assert out["variants"]["eagle@8"]["overall"]["speedup"] == pytest.approx(2.0)
+    calls.clear()
+    built.clear()
+    compare.run_compare(plain, ServerConfig(drafter="none"), prompts, 4, 1, ["eagle"], [8, 16], 0)
+    assert [c[0] for c in calls] == ["none", "eagle", "eagle"] and built == ["eagle", "eagle"]
