@@ -26,9 +26,7 @@ from tqdm import tqdm
 
 from bench.compare import shape_for
 from bench.harness import hf_model, machine_info
-from bench.lookup_replay import model_drafter, replay, replay_sets
-from drafters.eagle_model import EagleConfig
-from drafters.registry import shipped_drafter
+from bench.lookup_replay import eagle_checkpoint, model_drafter, replay, replay_sets
 from drafters.train.features import target_features
 from drafters.tree import DraftTree
 from server.config import ServerConfig, merge_options
@@ -116,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = ServerConfig(**merge_options(base.model_dump(), shape_for(args.budget)))
     held, _, replayed = replay_sets(args.data, args.heldout_shards, args.eval)
     target = hf_model(cfg)
-    eagle = Path(cfg.drafter_path or shipped_drafter(cfg.model, "eagle"))
-    aux = tuple(EagleConfig.from_dict(json.loads((eagle / "config.json").read_text())).aux_layers)
+    eagle, aux = eagle_checkpoint(cfg)
     drafter = model_drafter("eagle", cfg, target)
     per_folder = {}
     for folder, records in held.items():

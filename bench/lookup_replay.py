@@ -86,6 +86,13 @@ def replay(drafter: Drafter, rid: str, ids: list[int], start: int, features: tor
     return len(ids) - start - 1, steps
 
 
+def eagle_checkpoint(cfg: ServerConfig) -> tuple[Path, tuple[int, ...]]:
+    """The EAGLE checkpoint ``cfg`` drafts with (``drafter_path`` or the shipped one) and the target layers its
+    features read besides the last hidden state (what ``target_features`` must extract)."""
+    eagle = Path(cfg.drafter_path or shipped_drafter(cfg.model, "eagle"))
+    return eagle, tuple(EagleConfig.from_dict(json.loads((eagle / "config.json").read_text())).aux_layers)
+
+
 def replay_sets(data: str, heldout_shards: int, evals: str | None
                 ) -> tuple[dict[str, list[dict]], list[list[Path]], dict[str, list[str]]]:
     """Greedy records to replay per folder, each ``data`` folder's training shards (in order), and the
@@ -224,8 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = hf_model(cfg) if any(parse_variant(s)[0] == "eagle" for s in args.drafters) else None
     features = {}
     if target is not None:
-        eagle = Path(cfg.drafter_path or shipped_drafter(cfg.model, "eagle"))
-        aux = tuple(EagleConfig.from_dict(json.loads((eagle / "config.json").read_text())).aux_layers)
+        _, aux = eagle_checkpoint(cfg)
         for f, records in held.items():
             for r in tqdm(records, desc=f"features {Path(f).name}", unit="rec"):
                 features[f, r["id"]] = target_features(target, [r["input_ids"]], aux)[0]   # [L, (1 + k) H]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from bench.compare import shape_for
 from bench.harness import hf_model, machine_info
-from bench.lookup_replay import replay
+from bench.lookup_replay import eagle_checkpoint, replay
 from drafters.registry import DRAFTERS
 from drafters.train.distill import distill_shards
 from drafters.train.features import data_folders, shard_records, target_features
@@ -86,22 +86,24 @@ def main(argv: list[str] | None = None) -> dict:
     verify, draft = pairs(args.verify_ms), pairs(args.draft_ms)
     sizes = sorted(verify)
     row = [verify[n] for n in sizes]
-    replayed = {str(f): [p.name for p in distill_shards(f)] for f in data_folders(args.eval)}
-    records = [(f, r) for f in replayed for r in [r for p in distill_shards(Path(f)) for r in shard_records(p)
-                                                  if r["temperature"] == 0][:args.max_records or None]]
-    target = hf_model(ServerConfig())
+    shards = {str(f): distill_shards(f) for f in data_folders(args.eval)}
+    records = [(f, r) for f, paths in shards.items()
+               for r in [r for p in paths for r in shard_records(p) if r["temperature"] == 0][:args.max_records or None]]
+    cfg = ServerConfig()
+    target = hf_model(cfg)
+    _, aux = eagle_checkpoint(cfg)
     stub = SimpleNamespace(embed_tokens=target.model.embed_tokens, lm_head=target.lm_head)
     features = {}
     for f, r in tqdm(records, desc="features", unit="rec"):
         ids = r["input_ids"][:r["prompt_len"] + args.max_tokens]
-        features[f, r["id"]] = ids, target_features(target, [ids], ())[0]                # [L, H]
+        features[f, r["id"]] = ids, target_features(target, [ids], aux)[0]               # [L, F]
+    drafting = {c: interp(c, sorted(draft), [draft[k] for k in sorted(draft)]) for c in {*args.fixed, *args.caps}}
     policies = [(f"fixed@{b}", b, lambda t, b=b: min(b, len(t))) for b in args.fixed]
-    policies += [(f"trim@{c}", c, lambda t, c=c: trim_size(t.scores, sizes, row, draft_s=interp(c, sorted(draft),
-                 [draft[k] for k in sorted(draft)]))) for c in args.caps]
+    policies += [(f"trim@{c}", c, lambda t, c=c: trim_size(t.scores, sizes, row, drafting[c])) for c in args.caps]
     rows = []
     for name, cap, size in policies:
-        drafter = DRAFTERS["hybrid"](ServerConfig(**merge_options(ServerConfig().model_dump(), shape_for(cap))), stub)
-        d_s = interp(cap, sorted(draft), [draft[k] for k in sorted(draft)])
+        drafter = DRAFTERS["hybrid"](ServerConfig(**merge_options(cfg.model_dump(), shape_for(cap))), stub)
+        d_s = drafting[cap]
         tokens = steps = 0
         seconds = 0.0
         hist: dict[int, int] = {}
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["modelled_speedup"] = round(r["modelled_tok_s"] / plain, 3)
     report = {"command": "python -m bench.tree_trim " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "replayed": replayed, "verify_ms": args.verify_ms,
+              "machine": machine_info(), "replayed": {f: [p.name for p in paths] for f, paths in shards.items()},
+              "verify_ms": args.verify_ms,
               "draft_ms": args.draft_ms, "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
